@@ -1,0 +1,65 @@
+"""`genlab`: the pipeline stages as commands (what dvc.yaml runs)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from genlab.errors import GenlabError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from genlab.models import MODELS
+
+    parser = argparse.ArgumentParser(prog="genlab", description=__doc__)
+    parser.add_argument(
+        "--params", default="params.yaml", help="params file (default: %(default)s)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("prepare", help="dataset -> data/prepared")
+    sub.add_parser("evaluator", help="train the evaluation classifier")
+    for name, text in (("train", "train one family"), ("evaluate", "evaluate one family")):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("family", choices=sorted(MODELS))
+    sub.add_parser("report", help="compare all families in reports/")
+    return parser
+
+
+def run(args: argparse.Namespace) -> None:
+    from genlab.config import load_params
+
+    params = load_params(args.params)
+    if args.command == "prepare":
+        from genlab.stages import prepare
+
+        prepare.main(params)
+    elif args.command == "evaluator":
+        from genlab.stages import evaluator
+
+        evaluator.main(params)
+    elif args.command == "train":
+        from genlab.stages import train
+
+        train.main(params, args.family)
+    elif args.command == "evaluate":
+        from genlab.stages import evaluate
+
+        evaluate.main(params, args.family)
+    elif args.command == "report":
+        from genlab.stages import report
+
+        report.main(params)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except (GenlabError, FileNotFoundError) as exc:
+        print(f"genlab {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""Strict, typed models of `params.yaml`, the one source of hyperparameters.
+
+Every stage loads the whole file through `load_params`, so a bad key anywhere fails every stage the
+same way: one line naming the key, a non-zero exit, nothing written.
+
+A family's section (`models.<family>`) is not written out here: its schema is the family's
+constructor (typed, defaulted keyword arguments, STYLE.md rule 3) plus the two training keys every
+family has. Adding a family therefore needs no change in this file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import re
+import typing
+from functools import cache
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+
+from genlab.errors import ConfigError
+from genlab.models import MODELS
+
+# Constructor arguments that come from the prepared data (meta.json), never from params.
+DATA_ARGS = ("image_shape", "levels", "num_classes")
+
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class Strict(BaseModel):
+    # strict: "16" is not an int and "yes" is not a bool; an int is still a valid float.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class DatasetParams(Strict):
+    # Which dataset `prepare` reads; `digits` ships inside scikit-learn (no download).
+    name: Literal["digits"] = "digits"
+
+
+class TrainerParams(Strict):
+    """Lightning Trainer settings shared by every family."""
+
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "cpu"
+    devices: PositiveInt | Literal["auto"] = 1
+    precision: Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true", "64-true"] = "32-true"
+    log_every_n_steps: PositiveInt = 10
+    # A grid of samples is logged to MLflow every this many epochs (and after the last one).
+    sample_every_n_epochs: PositiveInt = 25
+    sample_grid_size: Annotated[int, Field(ge=1, le=256)] = 64
+
+
+class EvaluatorParams(Strict):
+    """The small classifier whose features define FID/KID/precision-recall for this dataset."""
+
+    max_epochs: PositiveInt = 40
+    batch_size: PositiveInt = 64
+    lr: Annotated[float, Field(gt=0, le=1)] = 2e-3
+    width: PositiveInt = 32
+    feature_dim: PositiveInt = 128
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.2
+
+
+class EvaluateParams(Strict):
+    """The evaluation protocol: identical for every family so their numbers compare."""
+
+    num_samples: Annotated[int, Field(ge=2)] = 1000
+    batch_size: PositiveInt = 250
+    seed: Annotated[int, Field(ge=0)] = 1234
+    kid_subset_size: Annotated[int, Field(ge=2)] = 200
+    kid_subsets: PositiveInt = 100
+    prc_neighborhood: PositiveInt = 3
+    isc_splits: PositiveInt = 10
+
+
+class TrackingParams(Strict):
+    # MLflow tracking URI. null: a SQLite file `mlflow.db` at the repository root.
+    # The environment variable MLFLOW_TRACKING_URI, when set, wins over this.
+    uri: str | None = None
+    # MLflow experiment name. null: the dataset's name (one experiment per dataset).
+    experiment: str | None = None
+
+
+class FamilyParams(Strict):
+    """Training keys every family has; the rest of a family's section is its constructor."""
+
+    max_epochs: PositiveInt
+    batch_size: PositiveInt
+    # Stop when the validation likelihood has not improved for this many epochs (families with
+    # a likelihood); null: train for max_epochs. The best-validation checkpoint is kept either way.
+    early_stopping_patience: PositiveInt | None = None
+
+    def model_kwargs(self) -> dict[str, Any]:
+        return self.model_dump(exclude=set(FamilyParams.model_fields))
+
+
+@cache
+def family_params_model(family: str) -> type[FamilyParams]:
+    """Build the params schema of `models.<family>` from the family's constructor signature."""
+    cls = MODELS[family]
+    hints = typing.get_type_hints(cls.__init__, include_extras=True)
+    fields: dict[str, Any] = {}
+    for name, p in inspect.signature(cls.__init__).parameters.items():
+        if name == "self" or name in DATA_ARGS:
+            continue
+        if p.kind is not inspect.Parameter.KEYWORD_ONLY or p.default is inspect.Parameter.empty:
+            raise TypeError(
+                f"{cls.__name__}.__init__: '{name}' must be keyword-only with a default"
+            )
+        fields[name] = (hints[name], p.default)
+    defaults = getattr(cls, "training_defaults", {"max_epochs": 50, "batch_size": 64})
+    fields["max_epochs"] = (PositiveInt, defaults["max_epochs"])
+    fields["batch_size"] = (PositiveInt, defaults["batch_size"])
+    return create_model(f"{cls.__name__}Params", __base__=FamilyParams, **fields)
+
+
+def _models_params_model() -> type[Strict]:
+    fields = {
+        family: (family_params_model(family), Field(default_factory=family_params_model(family)))
+        for family in MODELS
+    }
+    return create_model("ModelsParams", __base__=Strict, **fields)
+
+
+ModelsParams = _models_params_model()
+
+Family = Literal[tuple(MODELS)]  # type: ignore[valid-type]
+
+
+class Params(Strict):
+    seed: Annotated[int, Field(ge=0)] = 0
+    dataset: DatasetParams = Field(default_factory=DatasetParams)
+    # The families `dvc repro` trains and evaluates (stages train@<family>, evaluate@<family>).
+    families: Annotated[list[Family], Field(min_length=1)]
+    trainer: TrainerParams = Field(default_factory=TrainerParams)
+    evaluator: EvaluatorParams = Field(default_factory=EvaluatorParams)
+    models: ModelsParams = Field(default_factory=ModelsParams)  # type: ignore[valid-type]
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    tracking: TrackingParams = Field(default_factory=TrackingParams)
+
+    @field_validator("families")
+    @classmethod
+    def _families_unique(cls, families: list[str]) -> list[str]:
+        if len(set(families)) != len(families):
+            raise ValueError("a family is listed twice")
+        return families
+
+    def family(self, name: str) -> FamilyParams:
+        return getattr(self.models, name)
+
+    @property
+    def experiment_name(self) -> str:
+        return self.tracking.experiment or self.dataset.name
+
+    def training_config(self, family: str) -> dict[str, Any]:
+        """Everything that determines a family's training (what its checkpoints are keyed by)."""
+        return {
+            "seed": self.seed,
+            "dataset": self.dataset.model_dump(),
+            "trainer": self.trainer.model_dump(),
+            "family": family,
+            "model": self.family(family).model_dump(),
+        }
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _describe(error: dict[str, Any]) -> str:
+    key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        return f"{key}: unknown key; remove it or check its spelling"
+    if error["type"] == "missing":
+        return f"{key}: required key is missing"
+    got = repr(error.get("input"))
+    got = got if len(got) <= 60 else got[:57] + "..."
+    return f"{key}: {error['msg']} (got {got})"
+
+
+def parse_params(raw: Any, source: str = "params.yaml") -> Params:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of keys at the top level")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        errors = exc.errors()
+        more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+        raise ConfigError(f"{source}: {_describe(errors[0])}{more}") from None
+
+
+class _Yaml12FloatLoader(yaml.SafeLoader):
+    """PyYAML follows YAML 1.1, where `1e-3` is a string; read it as YAML 1.2 (and DVC) do."""
+
+
+_Yaml12FloatLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found; run genlab from the repository root")
+    try:
+        raw = yaml.load(path.read_text(), Loader=_Yaml12FloatLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}; fix the syntax") from None
+    return parse_params(raw, str(path))

@@ -1,0 +1,137 @@
+"""The prepared-data format every stage after `prepare` reads: split files plus `meta.json`.
+
+    data/prepared/
+      train.pt  val.pt  test.pt   {"x": uint8 (N, C, H, W), "y": int64 (N,)}
+      meta.json                   dataset, levels, shape, classes, n and sha256 of each split
+
+The sha256 is of the tensors' contents (shape, dtype and bytes), not of the file, so it does not
+depend on how torch serialises.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from genlab.data.datasets import DATASETS, Split
+from genlab.errors import DataError
+
+SPLITS = ("train", "val", "test")
+
+
+def split_sha256(split: Split) -> str:
+    h = hashlib.sha256()
+    for t in (split.x, split.y):
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Meta:
+    dataset: str
+    levels: int
+    shape: tuple[int, int, int]  # (C, H, W)
+    class_names: list[str]
+    splits: dict[str, dict]  # name -> {"n": int, "sha256": str}
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def dims(self) -> int:
+        c, h, w = self.shape
+        return c * h * w
+
+    @property
+    def data_sha256(self) -> str:
+        """One hash for the whole prepared dataset (what MLflow runs are tagged with)."""
+        joined = "".join(self.splits[s]["sha256"] for s in SPLITS)
+        return hashlib.sha256(joined.encode()).hexdigest()
+
+    def to_json(self) -> dict:
+        return {
+            "dataset": self.dataset,
+            "levels": self.levels,
+            "shape": list(self.shape),
+            "num_classes": self.num_classes,
+            "class_names": self.class_names,
+            "splits": self.splits,
+            "data_sha256": self.data_sha256,
+        }
+
+
+def prepare(dataset: str, out_dir: str | Path) -> Meta:
+    """Load `dataset` and write its splits and meta.json to `out_dir`, atomically.
+
+    Everything is written into a sibling temporary folder first and moved into place at the end,
+    so a failure leaves either the previous folder or nothing, never a half-written one.
+    """
+    raw = DATASETS[dataset]()
+    shapes = {tuple(s.x.shape[1:]) for s in raw.splits.values()}
+    if len(shapes) != 1:
+        raise ValueError(f"{dataset}: splits have different image shapes {sorted(shapes)}")
+    for name, s in raw.splits.items():
+        top = int(s.x.max())
+        if top >= raw.levels:
+            raise ValueError(f"{dataset}/{name}: pixel value {top} outside 0..{raw.levels - 1}")
+    meta = Meta(
+        dataset=dataset,
+        levels=raw.levels,
+        shape=shapes.pop(),
+        class_names=raw.class_names,
+        splits={
+            n: {"n": len(raw.splits[n]), "sha256": split_sha256(raw.splits[n])} for n in SPLITS
+        },
+    )
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    old = tmp.with_name(tmp.name + "-old")
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the prepared data is not secret
+        for name in SPLITS:
+            torch.save({"x": raw.splits[name].x, "y": raw.splits[name].y}, tmp / f"{name}.pt")
+        (tmp / "meta.json").write_text(json.dumps(meta.to_json(), indent=2) + "\n")
+        # Two renames: there is always a complete folder at one of the two names.
+        if out_dir.exists():
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return meta
+
+
+def read_meta(prepared_dir: str | Path) -> Meta:
+    path = Path(prepared_dir) / "meta.json"
+    if not path.is_file():
+        raise DataError(f"{path} not found; run `dvc repro prepare` (or `genlab prepare`) first")
+    raw = json.loads(path.read_text())
+    return Meta(
+        dataset=raw["dataset"],
+        levels=raw["levels"],
+        shape=tuple(raw["shape"]),
+        class_names=raw["class_names"],
+        splits=raw["splits"],
+    )
+
+
+def load_split(prepared_dir: str | Path, name: str, meta: Meta | None = None) -> Split:
+    """Load one split and check it against meta.json (hash, shape, levels)."""
+    meta = meta or read_meta(prepared_dir)
+    blob = torch.load(Path(prepared_dir) / f"{name}.pt", weights_only=True)
+    split = Split(blob["x"], blob["y"])
+    if split_sha256(split) != meta.splits[name]["sha256"]:
+        raise DataError(
+            f"{prepared_dir}/{name}.pt does not match meta.json; re-run `dvc repro prepare`"
+        )
+    return split

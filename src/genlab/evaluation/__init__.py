@@ -1,0 +1,1 @@
+"""Evaluation: the dataset-specific feature extractor, sample metrics, likelihood metrics, report."""

@@ -1,0 +1,103 @@
+"""The contract every family implements (DESIGN.md, "One contract for all families").
+
+A family is a `GenerativeModule` subclass in its own file that provides:
+
+- ``sample(n, y=None, generator=None) -> uint8 (n, C, H, W)`` in the dataset's integer levels;
+- ``log_prob(x, y=None) -> (n,)`` nats per image of the *discrete* data, when ``likelihood`` is
+  ``"exact"`` or ``"lower_bound"``;
+- ``encode(x, y=None) -> latent`` when ``has_latent``;
+- ``energy(x)`` for energy-based families.
+
+Stages, evaluation and tracking speak only this contract. The base class holds what every family
+shares for real: the data geometry, the held-out likelihood metric (summed, then divided), and
+noise drawn from an explicit generator on any device.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar, Literal
+
+import lightning as L
+import torch
+from torchmetrics import MeanMetric
+
+Likelihood = Literal["exact", "lower_bound", "none"]
+
+
+def nll_key(split: str, likelihood: Likelihood) -> str:
+    """Metric name of held-out negative log-likelihood; a bound says so in its name."""
+    return f"{split}/nll_nats" if likelihood == "exact" else f"{split}/nll_bound_nats"
+
+
+def bpd_key(split: str, likelihood: Likelihood) -> str:
+    return f"{split}/bpd" if likelihood == "exact" else f"{split}/bpd_bound"
+
+
+def bits_per_dim(nats_per_image: torch.Tensor | float, dims: int) -> torch.Tensor | float:
+    """bits/dim = nats / (C·H·W · ln 2)."""
+    return nats_per_image / (dims * math.log(2))
+
+
+class GenerativeModule(L.LightningModule):
+    likelihood: ClassVar[Likelihood] = "none"
+    has_latent: ClassVar[bool] = False
+    # Default `max_epochs` and `batch_size` of the family's params section.
+    training_defaults: ClassVar[dict[str, int]] = {"max_epochs": 50, "batch_size": 64}
+
+    def __init__(self, *, image_shape: tuple[int, int, int], levels: int, num_classes: int) -> None:
+        super().__init__()
+        self.image_shape = tuple(image_shape)
+        self.levels = levels
+        self.num_classes = num_classes
+        # MeanMetric keeps a DDP-synced sum and count: the epoch value is sum(nll) / n images,
+        # never an average of per-batch averages.
+        self.val_nll = MeanMetric()
+
+    @property
+    def dims(self) -> int:
+        c, h, w = self.image_shape
+        return c * h * w
+
+    @property
+    def conditional(self) -> bool:
+        return bool(self.hparams.get("conditional", False))
+
+    def labels_for(self, y: torch.Tensor | None) -> torch.Tensor | None:
+        """The labels the model conditions on: `y` for a conditional model, else None."""
+        if not self.conditional:
+            return None
+        if y is None:
+            raise ValueError(f"{type(self).__name__} is class-conditional: pass labels y")
+        return y.to(self.device)
+
+    # Noise is drawn on the generator's device and then moved, so a CPU generator gives the
+    # same samples whatever device the model is on.
+    def randn(self, *shape: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        device = generator.device if generator is not None else self.device
+        return torch.randn(*shape, generator=generator, device=device).to(self.device)
+
+    def rand(self, *shape: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        device = generator.device if generator is not None else self.device
+        return torch.rand(*shape, generator=generator, device=device).to(self.device)
+
+    def sample_categorical(
+        self, logits: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Draw from softmax(logits) over dim 1 by the Gumbel-max trick; (B, L, ...) -> (B, ...)."""
+        u = self.rand(*logits.shape, generator=generator).clamp_(1e-20, 1.0)
+        return (logits - torch.log(-torch.log(u))).argmax(dim=1)
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        if self.likelihood == "none":
+            return
+        x, y = batch
+        self.val_nll.update(-self.log_prob(x, self.labels_for(y)))
+
+    def on_validation_epoch_end(self) -> None:
+        if self.likelihood == "none" or self.val_nll.update_count == 0:
+            return
+        nll = self.val_nll.compute()
+        self.log(nll_key("val", self.likelihood), nll, prog_bar=True)
+        self.log(bpd_key("val", self.likelihood), bits_per_dim(nll, self.dims))
+        self.val_nll.reset()

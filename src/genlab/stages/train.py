@@ -1,0 +1,17 @@
+"""Stage `train@<family>`: fit one family; final checkpoint and run id only after a full fit."""
+
+from genlab import paths
+from genlab.config import Params
+from genlab.training import train_family
+
+
+def main(params: Params, family: str) -> None:
+    result = train_family(
+        params,
+        family,
+        prepared_dir=paths.PREPARED,
+        out_dir=paths.family_model_dir(family),
+        checkpoint_root=paths.family_checkpoints(family),
+    )
+    run = f", MLflow run {result.run.run_id}" if result.run else ""
+    print(f"trained {family}: {result.epochs} epochs in {result.wall_s:.1f}s{run}")

@@ -1,0 +1,227 @@
+"""MLflow: where runs go, how they are tagged, and how the evaluate stage finds its training run.
+
+- The tracking URI is always explicit: `MLFLOW_TRACKING_URI`, else `tracking.uri` in params, else a
+  SQLite file `mlflow.db` at the repository root. The root comes from `DVC_ROOT`, which DVC sets to
+  the real repository also when a stage runs in an experiment's temporary copy (`dvc exp run
+  --temp` / `--queue`), so every run lands in the same store.
+- Experiments are created with an absolute artifact location at the repository root
+  (`mlartifacts/`) for local stores, never one relative to a temporary working directory.
+- One run per family training; its id is kept in `run.json` next to the final checkpoint so the
+  evaluate stage logs into the same run.
+- Only global rank 0 talks to MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from genlab.errors import TrackingError
+from genlab.io import write_json_atomic
+
+DEFAULT_DB = "mlflow.db"
+DEFAULT_ARTIFACTS = "mlartifacts"
+
+
+def project_root() -> Path:
+    """The repository the pipeline belongs to (DVC_ROOT under DVC, else the working directory)."""
+    return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
+
+
+def _absolute_sqlite(uri: str) -> str:
+    """`sqlite:///relative.db` is relative to the working directory; anchor it at the root."""
+    path = uri.removeprefix("sqlite:///")
+    if path == uri or path.startswith("/") or path == ":memory:":
+        return uri
+    return f"sqlite:///{project_root() / path}"
+
+
+def resolve_tracking_uri(params_uri: str | None = None) -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or params_uri
+    if not uri:
+        return f"sqlite:///{project_root() / DEFAULT_DB}"
+    if "://" not in uri:
+        raise ValueError(
+            f"tracking URI {uri!r} has no scheme; MLflow no longer accepts a plain folder. "
+            f"Use sqlite:///path/to/mlflow.db or http://host:port"
+        )
+    return _absolute_sqlite(uri)
+
+
+def is_local_store(uri: str) -> bool:
+    return uri.startswith("sqlite:")
+
+
+def is_global_zero() -> bool:
+    """True in the process that owns tracking (before or outside any distributed launch)."""
+    return (
+        int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0))) == 0
+        and int(os.environ.get("LOCAL_RANK", 0)) + int(os.environ.get("NODE_RANK", 0)) == 0
+    )
+
+
+def ensure_experiment(client: MlflowClient, name: str) -> str:
+    """Id of experiment `name`, created (with an absolute artifact root) if missing."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    location = None
+    if is_local_store(client.tracking_uri):
+        location = (project_root() / DEFAULT_ARTIFACTS).as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception:
+        # Another process (a parallel queue worker) created it between our two calls.
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", *args], capture_output=True, text=True, timeout=10, check=True
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.strip()
+
+
+def provenance_tags(*, stage: str, data_sha256: str) -> dict[str, str]:
+    """Tags linking a run to the code, the data and the DVC stage/experiment that produced it."""
+    commit = _git("rev-parse", "HEAD") or os.environ.get("DVC_EXP_BASELINE_REV", "unknown")
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    tags = {
+        "git_commit": commit,
+        "mlflow.source.git.commit": commit,
+        "git_dirty": "unknown" if status is None else str(bool(status)).lower(),
+        "dvc_stage": os.environ.get("DVC_STAGE", stage),
+        "data_sha256": data_sha256,
+    }
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
+        tags["dvc_exp_baseline"] = os.environ.get("DVC_EXP_BASELINE_REV", "")
+    return tags
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """Where a family's training run lives; written as run.json beside its checkpoints."""
+
+    experiment_id: str
+    run_id: str
+    tracking_uri: str
+
+    def save(self, path: str | Path) -> None:
+        write_json_atomic(path, asdict(self))
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunRecord:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} not found; train the family first (dvc repro train@...)"
+            )
+        return cls(**json.loads(path.read_text()))
+
+
+def start_run(
+    client: MlflowClient, experiment: str, *, run_name: str, tags: dict[str, str]
+) -> RunRecord:
+    experiment_id = ensure_experiment(client, experiment)
+    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+    return RunRecord(experiment_id, run.info.run_id, client.tracking_uri)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}: nested params as MLflow param names."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def _log_all(
+    client: MlflowClient,
+    run_id: str,
+    metrics: dict[str, float],
+    tags: dict[str, str],
+    artifacts: list[Path],
+    artifact_dir: str,
+    step: int = 0,
+) -> None:
+    now = int(time.time() * 1000)
+    client.log_batch(
+        run_id,
+        metrics=[Metric(key, float(value), now, step) for key, value in metrics.items()],
+        tags=[RunTag(key, str(value)) for key, value in tags.items()],
+    )
+    for path in artifacts:
+        client.log_artifact(run_id, str(path), artifact_dir)
+
+
+def log_evaluation(
+    record: RunRecord,
+    metrics: dict[str, float],
+    *,
+    step: int,
+    protocol: dict[str, Any],
+    artifacts: list[Path],
+) -> None:
+    """Log the evaluate stage's metrics and files into the family's training run.
+
+    The protocol goes in as tags (`eval.<key>`), not params: MLflow params are immutable and the
+    same training run is re-evaluated when only the protocol changes.
+    """
+    if not is_global_zero():
+        return
+    client = MlflowClient(record.tracking_uri)
+    tags = {f"eval.{key}": value for key, value in protocol.items()}
+    try:
+        _log_all(client, record.run_id, metrics, tags, artifacts, "evaluation", step)
+    except MlflowException as exc:
+        raise TrackingError(
+            f"could not log evaluation to MLflow run {record.run_id} at {record.tracking_uri}: "
+            f"{exc.message.splitlines()[0]}; the metrics file is written, re-run the stage once "
+            f"the store is reachable"
+        ) from None
+
+
+def log_report(
+    params_uri: str | None,
+    experiment: str,
+    floor: dict[str, float],
+    *,
+    data_sha256: str,
+    artifacts: list[Path],
+) -> RunRecord | None:
+    """One run per report: the real-data floor as metrics, the summary and figure as files."""
+    if not is_global_zero():
+        return None
+    client = MlflowClient(resolve_tracking_uri(params_uri))
+    tags = provenance_tags(stage="report", data_sha256=data_sha256) | {"family": "real_data"}
+    try:
+        record = start_run(client, experiment, run_name="report (real-data floor)", tags=tags)
+        _log_all(client, record.run_id, floor, {}, artifacts, "report")
+        client.set_terminated(record.run_id)
+    except MlflowException as exc:
+        raise TrackingError(
+            f"could not log the report to {client.tracking_uri}: {exc.message.splitlines()[0]}"
+        ) from None
+    return record

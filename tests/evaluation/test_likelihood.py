@@ -1,0 +1,133 @@
+"""Held-out likelihood: exact for a uniform model, summed then divided, seeded for bounds."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from genlab.data.datasets import Split
+from genlab.evaluation.likelihood import heldout_nll, likelihood_metrics
+from genlab.models.base import GenerativeModule, bits_per_dim, bpd_key, nll_key
+from genlab.models.vae import VAE
+
+
+class FactorisedCategorical(GenerativeModule):
+    """p(x) = prod over pixels of softmax(logits[:, c, h, w]); uniform when `scale` is 0."""
+
+    likelihood = "exact"
+
+    def __init__(
+        self,
+        *,
+        image_shape: tuple[int, int, int],
+        levels: int,
+        num_classes: int = 10,
+        scale: float = 0.0,  # 0: all-zero logits, the uniform model
+    ) -> None:
+        super().__init__(image_shape=image_shape, levels=levels, num_classes=num_classes)
+        g = torch.Generator().manual_seed(0)
+        logits = scale * torch.randn(levels, *image_shape, generator=g, dtype=torch.float64)
+        self.register_buffer("logits", logits)  # (L, C, H, W)
+
+    def log_prob(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        logp = torch.log_softmax(self.logits, dim=0)  # (L, C, H, W)
+        return logp.gather(0, x.long()).flatten(1).sum(1)  # (B, C, H, W) -> (B,)
+
+
+class NoLikelihood(GenerativeModule):
+    likelihood = "none"
+
+
+def random_split(n: int, shape: tuple[int, int, int], levels: int, seed: int = 0) -> Split:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, levels, (n, *shape), generator=g).to(torch.uint8)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return Split(x, y)
+
+
+@pytest.mark.parametrize(
+    ("levels", "shape"), [(17, (1, 8, 8)), (256, (3, 4, 4))], ids=["L17", "L256"]
+)
+def test_uniform_model_scores_exactly_log2_levels(levels: int, shape: tuple) -> None:
+    model = FactorisedCategorical(image_shape=shape, levels=levels)
+    split = random_split(10, shape, levels)
+    result = heldout_nll(model, split, batch_size=4, seed=0)
+    dims = math.prod(shape)
+    assert result.n == 10
+    assert result.nats == pytest.approx(dims * math.log(levels), rel=1e-12, abs=0)
+    assert result.bpd == pytest.approx(math.log2(levels), rel=1e-12, abs=0)
+
+
+def test_bits_per_dim() -> None:
+    assert bits_per_dim(64 * math.log(2), 64) == pytest.approx(1.0, rel=1e-15)
+    assert bits_per_dim(64 * math.log(17), 64) == pytest.approx(math.log2(17), rel=1e-15)
+    t = bits_per_dim(torch.tensor([3 * math.log(4)], dtype=torch.float64), 3)
+    torch.testing.assert_close(t, torch.tensor([2.0], dtype=torch.float64))
+
+
+def test_metric_names_say_whether_they_are_bounds() -> None:
+    assert nll_key("test", "exact") == "test/nll_nats"
+    assert bpd_key("test", "exact") == "test/bpd"
+    assert nll_key("val", "lower_bound") == "val/nll_bound_nats"
+    assert bpd_key("val", "lower_bound") == "val/bpd_bound"
+
+
+def test_heldout_nll_sums_then_divides() -> None:
+    model = FactorisedCategorical(image_shape=(1, 8, 8), levels=17, scale=2.0)
+    split = random_split(7, (1, 8, 8), 17)
+    nll = -model.log_prob(split.x)  # (7,)
+    expected = nll.mean().item()
+    # A mean of the batch means (3, 3, 1 images) would be a different number.
+    batch_means = torch.stack([nll[0:3].mean(), nll[3:6].mean(), nll[6:].mean()]).mean().item()
+    assert abs(batch_means - expected) > 1e-3
+    for batch_size in (1, 3, 7, 100):
+        result = heldout_nll(model, split, batch_size=batch_size, seed=0)
+        assert result.nats == pytest.approx(expected, rel=1e-12)
+        assert result.bpd == pytest.approx(expected / (64 * math.log(2)), rel=1e-12)
+
+
+def test_likelihood_metrics_keys() -> None:
+    model = FactorisedCategorical(image_shape=(1, 8, 8), levels=17)
+    splits = {"val": random_split(3, (1, 8, 8), 17), "test": random_split(5, (1, 8, 8), 17, 1)}
+    metrics = likelihood_metrics(model, splits, batch_size=2, seed=0)
+    assert set(metrics) == {"val/nll_nats", "val/bpd", "test/nll_nats", "test/bpd"}
+    assert metrics["test/bpd"] == pytest.approx(math.log2(17), rel=1e-12)
+
+    vae = VAE(image_shape=(1, 8, 8), levels=17, num_classes=10, latent_dim=2, hidden_dim=8)
+    bound = likelihood_metrics(vae, splits, batch_size=2, seed=0)
+    assert set(bound) == {"val/nll_bound_nats", "val/bpd_bound", "test/nll_bound_nats"} | {
+        "test/bpd_bound"
+    }
+
+
+def test_heldout_nll_of_the_vae_is_seeded(tiny_vae_kwargs: dict) -> None:
+    torch.manual_seed(0)
+    model = VAE(image_shape=(1, 8, 8), levels=17, num_classes=10, **tiny_vae_kwargs)
+    split = random_split(7, (1, 8, 8), 17)
+    rng = torch.get_rng_state()
+    a = heldout_nll(model, split, batch_size=3, seed=5)
+    assert torch.equal(torch.get_rng_state(), rng)  # the caller's random stream is untouched
+    assert heldout_nll(model, split, batch_size=3, seed=5) == a
+    assert heldout_nll(model, split, batch_size=3, seed=6).nats != a.nats
+    assert a.nats > 0 and math.isfinite(a.nats)
+
+
+def test_heldout_nll_conditions_a_conditional_model_on_the_labels(tiny_vae_kwargs: dict) -> None:
+    torch.manual_seed(0)
+    model = VAE(
+        image_shape=(1, 8, 8), levels=17, num_classes=10, conditional=True, **tiny_vae_kwargs
+    ).eval()
+    split = random_split(6, (1, 8, 8), 17)
+    result = heldout_nll(model, split, batch_size=6, seed=3)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        expected = -model.log_prob(split.x, split.y).double().mean().item()
+    assert result.nats == pytest.approx(expected, rel=1e-12)
+
+
+def test_heldout_nll_refuses_a_model_without_likelihood() -> None:
+    model = NoLikelihood(image_shape=(1, 8, 8), levels=17, num_classes=10)
+    with pytest.raises(ValueError, match="no likelihood"):
+        heldout_nll(model, random_split(2, (1, 8, 8), 17), batch_size=2, seed=0)

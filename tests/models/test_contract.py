@@ -1,0 +1,125 @@
+"""The contract every family in MODELS keeps (DESIGN.md, "One contract for all families").
+
+Each family is built from its params defaults, shrunk by the tiny overrides below (a family with
+no entry runs at its defaults, so give a new family one if those are slow).
+"""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from genlab.config import family_params_model, parse_params
+from genlab.models import MODELS, GenerativeModule
+
+SHAPE = (1, 8, 8)
+LEVELS = 17
+CLASSES = 10
+N = 5
+
+FAMILIES = sorted(MODELS)
+
+
+@pytest.fixture
+def tiny(tiny_vae_kwargs: dict) -> dict[str, dict]:
+    return {"vae": tiny_vae_kwargs}
+
+
+def build(family: str, tiny: dict[str, dict], **overrides) -> GenerativeModule:
+    kwargs = family_params_model(family)().model_kwargs() | tiny.get(family, {}) | overrides
+    torch.manual_seed(0)
+    model = MODELS[family](image_shape=SHAPE, levels=LEVELS, num_classes=CLASSES, **kwargs)
+    return model.eval()
+
+
+def images(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, LEVELS, (n, *SHAPE), generator=g).to(torch.uint8)
+    return x, torch.arange(n) % CLASSES
+
+
+def assert_valid_samples(samples: torch.Tensor, n: int) -> None:
+    assert samples.dtype == torch.uint8
+    assert samples.shape == (n, *SHAPE)
+    assert int(samples.max()) <= LEVELS - 1
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_params_section_has_a_default_for_every_key(family: str) -> None:
+    params = parse_params({"families": [family]})
+    assert params.family(family).model_dump() == family_params_model(family)().model_dump()
+    # The class-conditional form is a flag in params for every family.
+    assert "conditional" in params.family(family).model_kwargs()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_likelihood_kind_is_declared(family: str) -> None:
+    cls = MODELS[family]
+    assert issubclass(cls, GenerativeModule)
+    assert cls.likelihood in ("exact", "lower_bound", "none")
+    assert isinstance(cls.has_latent, bool)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sample_is_valid_and_seeded(family: str, tiny: dict) -> None:
+    model = build(family, tiny)
+    samples = model.sample(N, generator=torch.Generator().manual_seed(0))
+    assert_valid_samples(samples, N)
+    assert torch.equal(samples, model.sample(N, generator=torch.Generator().manual_seed(0)))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_conditional_form(family: str, tiny: dict) -> None:
+    model = build(family, tiny, conditional=True)
+    assert model.conditional
+    y = torch.arange(N) % CLASSES
+    samples = model.sample(N, y, generator=torch.Generator().manual_seed(0))
+    assert_valid_samples(samples, N)
+    assert torch.equal(samples, model.sample(N, y, generator=torch.Generator().manual_seed(0)))
+    with pytest.raises(ValueError):
+        model.sample(N)
+    if model.likelihood != "none":
+        x, labels = images(N)
+        with torch.no_grad():
+            log_prob = model.log_prob(x, labels)
+        assert log_prob.shape == (N,) and torch.isfinite(log_prob).all()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_log_prob_is_a_finite_discrete_log_probability(family: str, tiny: dict) -> None:
+    model = build(family, tiny)
+    if model.likelihood == "none":
+        pytest.skip(f"{family} reports no likelihood")
+    x, _ = images(N)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        log_prob = model.log_prob(x)
+    assert log_prob.shape == (N,)
+    assert torch.isfinite(log_prob).all()
+    # log P(x) of discrete data, or a lower bound on it, cannot be positive.
+    assert (log_prob <= 0).all()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_encode_when_the_family_has_a_latent(family: str, tiny: dict) -> None:
+    model = build(family, tiny)
+    if not model.has_latent:
+        pytest.skip(f"{family} has no latent space")
+    x, _ = images(N)
+    z = model.encode(x)
+    assert z.shape[0] == N
+    assert torch.isfinite(z).all()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_weights_and_hparams_load_with_weights_only(family: str, tiny: dict) -> None:
+    """Checkpoints hold only plain Python values and tensors (DESIGN.md, known traps)."""
+    model = build(family, tiny)
+    buffer = io.BytesIO()
+    torch.save({"state_dict": model.state_dict(), "hparams": dict(model.hparams)}, buffer)
+    buffer.seek(0)
+    blob = torch.load(buffer, weights_only=True)
+    rebuilt = MODELS[family](**blob["hparams"])
+    rebuilt.load_state_dict(blob["state_dict"])

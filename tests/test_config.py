@@ -1,0 +1,219 @@
+"""params.yaml: strict typed models; every bad input is one line naming the key, nothing written."""
+
+from __future__ import annotations
+
+import inspect
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from genlab.cli import main
+from genlab.config import (
+    DATA_ARGS,
+    Params,
+    config_hash,
+    family_params_model,
+    load_params,
+    parse_params,
+)
+from genlab.errors import ConfigError
+from genlab.models import MODELS
+
+REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+TRAINING_KEYS = {"max_epochs", "batch_size", "early_stopping_patience"}
+
+# (id, params.yaml text, the key the one-line error must name)
+BAD_PARAMS = [
+    ("unknown-top-level-key", "families: [vae]\nbogus: 1\n", "bogus"),
+    (
+        "unknown-nested-key",
+        "families: [vae]\nmodels:\n  vae:\n    latnt_dim: 3\n",
+        "models.vae.latnt_dim",
+    ),
+    (
+        "string-for-int",
+        "families: [vae]\nmodels:\n  vae:\n    latent_dim: sixteen\n",
+        "models.vae.latent_dim",
+    ),
+    ("string-for-float", "families: [vae]\nevaluator:\n  lr: fast\n", "evaluator.lr"),
+    ("string-for-list", "families: vae\n", "families"),
+    (
+        "latent-dim-zero",
+        "families: [vae]\nmodels:\n  vae:\n    latent_dim: 0\n",
+        "models.vae.latent_dim",
+    ),
+    ("num-samples-one", "families: [vae]\nevaluate:\n  num_samples: 1\n", "evaluate.num_samples"),
+    ("unknown-family", "families: [vea]\n", "families.0"),
+    ("duplicate-family", "families: [vae, vae]\n", "families"),
+    ("empty-families", "families: []\n", "families"),
+    ("missing-families", "seed: 0\n", "families"),
+    ("unknown-dataset", "families: [vae]\ndataset:\n  name: mnist\n", "dataset.name"),
+]
+# Errors that are not about one key: (id, text, what the line must say instead).
+BAD_FILES = [
+    ("yaml-syntax-error", "families: [vae\nseed: 0\n", "not valid YAML at line"),
+    ("top-level-list", "- vae\n", "top level"),
+    ("empty-file", "", "top level"),
+]
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    return path
+
+
+def _config_error(path: Path) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_params(path)
+    return str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [pytest.param(text, key, id=case) for case, text, key in BAD_PARAMS],
+)
+def test_load_params_error_is_one_line_starting_with_the_key(
+    tmp_path: Path, text: str, key: str
+) -> None:
+    path = _write(tmp_path, text)
+    message = _config_error(path)
+    assert "\n" not in message
+    assert message.startswith(f"{path}: {key}:"), message
+
+
+def test_duplicate_family_is_rejected_in_one_line(tmp_path: Path) -> None:
+    message = _config_error(_write(tmp_path, "families: [vae, vae]\n"))
+    assert "\n" not in message
+    assert "families: Value error, a family is listed twice" in message
+
+
+@pytest.mark.parametrize(
+    ("text", "says"), [case[1:] for case in BAD_FILES], ids=[c[0] for c in BAD_FILES]
+)
+def test_load_params_bad_file_is_one_line(tmp_path: Path, text: str, says: str) -> None:
+    path = _write(tmp_path, text)
+    message = _config_error(path)
+    assert "\n" not in message
+    assert message.startswith(f"{path}: ")
+    assert says in message
+
+
+def test_load_params_missing_file(tmp_path: Path) -> None:
+    message = _config_error(tmp_path / "nope.yaml")
+    assert "\n" not in message
+    assert message.startswith(f"{tmp_path / 'nope.yaml'}: file not found")
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [case[1:] for case in BAD_PARAMS + BAD_FILES],
+    ids=[case[0] for case in BAD_PARAMS + BAD_FILES],
+)
+def test_cli_bad_params_exits_non_zero_with_one_line_and_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, text, says
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = _write(tmp_path, text)
+    assert main(["--params", str(path), "prepare"]) != 0
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.count("\n") == 1 and err.endswith("\n")
+    assert err.startswith("genlab prepare: error: ")
+    assert says in err
+    assert sorted(os.listdir(tmp_path)) == ["params.yaml"]
+
+
+def test_cli_missing_params_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["--params", "nope.yaml", "prepare"]) != 0
+    _, err = capsys.readouterr()
+    assert err.count("\n") == 1
+    assert err.startswith("genlab prepare: error: nope.yaml: file not found")
+    assert os.listdir(tmp_path) == []
+
+
+def test_repository_params_yaml_loads_and_lists_every_key() -> None:
+    """Every resolved key is written in params.yaml, so DVC can track each one a stage reads."""
+    params = load_params(REPO_PARAMS)
+    assert params.families
+    assert params.model_dump() == yaml.safe_load(REPO_PARAMS.read_text())
+
+
+def test_defaults_round_trip_through_yaml(tmp_path: Path) -> None:
+    params = Params(families=list(MODELS))
+    assert parse_params(params.model_dump()) == params
+    path = _write(tmp_path, yaml.safe_dump(params.model_dump()))
+    assert load_params(path) == params
+
+
+@pytest.mark.parametrize("family", sorted(MODELS))
+def test_family_schema_is_the_constructor(family: str) -> None:
+    signature = inspect.signature(MODELS[family].__init__)
+    ctor = {
+        name: p.default
+        for name, p in signature.parameters.items()
+        if name != "self" and name not in DATA_ARGS
+    }
+    schema = family_params_model(family)
+    assert set(schema.model_fields) == set(ctor) | TRAINING_KEYS
+    # Defaults of the params section are the constructor's defaults, and model_kwargs is
+    # exactly what the constructor takes.
+    assert schema().model_kwargs() == ctor
+
+
+def test_family_schema_rejects_constructor_without_defaults(monkeypatch) -> None:
+    class Positional(MODELS["vae"]):
+        def __init__(self, width: int, *, image_shape, levels, num_classes) -> None: ...
+
+    monkeypatch.setitem(MODELS, "positional", Positional)
+    # (A raising call is not cached, so the cache is left as it was.)
+    with pytest.raises(TypeError, match="'width' must be keyword-only with a default"):
+        family_params_model("positional")
+
+
+def test_family_accessor_returns_the_section() -> None:
+    params = parse_params({"families": ["vae"], "models": {"vae": {"latent_dim": 3}}})
+    assert params.family("vae").model_kwargs()["latent_dim"] == 3
+    assert TRAINING_KEYS.isdisjoint(params.family("vae").model_kwargs())
+
+
+def test_config_hash_is_stable_and_tracks_hyperparameters() -> None:
+    a = parse_params({"families": ["vae"]}).training_config("vae")
+    b = parse_params({"families": ["vae"]}).training_config("vae")
+    assert config_hash(a) == config_hash(b)
+    assert len(config_hash(a)) == 16 and int(config_hash(a), 16) >= 0
+    # Independent of key order.
+    assert config_hash(dict(reversed(list(a.items())))) == config_hash(a)
+    changed = parse_params({"families": ["vae"], "models": {"vae": {"latent_dim": 3}}})
+    assert config_hash(changed.training_config("vae")) != config_hash(a)
+    seed = parse_params({"families": ["vae"], "seed": 1})
+    assert config_hash(seed.training_config("vae")) != config_hash(a)
+    # The evaluation protocol does not change what training produces.
+    protocol = parse_params({"families": ["vae"], "evaluate": {"num_samples": 10}})
+    assert config_hash(protocol.training_config("vae")) == config_hash(a)
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("families: [vae]\nmodels:\n  vae:\n    latent_dim: '16'\n", "models.vae.latent_dim"),
+        ("families: [vae]\nmodels:\n  vae:\n    latent_dim: 16.0\n", "models.vae.latent_dim"),
+        ("families: [vae]\nmodels:\n  vae:\n    conditional: 'yes'\n", "models.vae.conditional"),
+    ],
+)
+def test_strict_types_do_not_coerce(tmp_path: Path, text: str, key: str) -> None:
+    message = _config_error(_write(tmp_path, text))
+    assert f": {key}: " in message
+
+
+def test_exponent_floats_read_as_yaml_1_2(tmp_path: Path) -> None:
+    """PyYAML reads `1e-3` as a string (YAML 1.1); params must read it as DVC -S writes it."""
+    params = load_params(_write(tmp_path, "families: [vae]\nmodels:\n  vae:\n    lr: 3e-4\n"))
+    assert params.models.vae.lr == pytest.approx(3e-4)
+    params = load_params(_write(tmp_path, "families: [vae]\nmodels:\n  vae:\n    lr: 1\n"))
+    assert params.models.vae.lr == 1.0

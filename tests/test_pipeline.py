@@ -1,0 +1,220 @@
+"""The pipeline end to end: real `dvc repro` / `dvc exp run` in a temporary copy of the repository,
+on tiny params, checked against the real SQLite MLflow store it writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from genlab import paths
+from genlab.config import load_params
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the venv's bin: dvc and genlab live here
+
+TINY = {
+    "trainer": {"sample_every_n_epochs": 1, "sample_grid_size": 16, "log_every_n_steps": 5},
+    "evaluator": {"max_epochs": 2, "width": 8, "feature_dim": 16},
+    "models": {
+        "vae": {"max_epochs": 2, "batch_size": 100, "latent_dim": 4, "hidden_dim": 32},
+    },
+    "evaluate": {
+        "num_samples": 60,
+        "batch_size": 30,
+        "kid_subset_size": 20,
+        "kid_subsets": 5,
+        "isc_splits": 2,
+    },
+}
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _merge(base[key], value) if isinstance(value, dict) else value
+    return out
+
+
+def _tracked_files() -> list[str]:
+    out = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    return [f for f in out if (REPO / f).is_file()]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["OMP_NUM_THREADS"] = "1"
+    for who in ("AUTHOR", "COMMITTER"):
+        env[f"GIT_{who}_NAME"] = "genlab test"
+        env[f"GIT_{who}_EMAIL"] = "test@genlab.invalid"
+    return env
+
+
+def run(cmd: list[str], cwd: Path) -> str:
+    """Run a command as a user would; its stdout (stderr shown only when it fails)."""
+    result = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def find_named(tree: object, name: str) -> list[dict]:
+    """Every mapping with "name" == `name` anywhere inside a JSON document."""
+    if isinstance(tree, list):
+        return [hit for item in tree for hit in find_named(item, name)]
+    if isinstance(tree, dict):
+        own = [tree] if tree.get("name") == name else []
+        return own + [hit for value in tree.values() for hit in find_named(value, name)]
+    return []
+
+
+def dvc_outputs(dvc_yaml: dict, families: list[str]) -> list[Path]:
+    """Every output path dvc.yaml declares (outs and metrics), foreach expanded."""
+    found: list[Path] = []
+    for stage in dvc_yaml["stages"].values():
+        items = families if "foreach" in stage else [None]
+        body = stage.get("do", stage)
+        for item in items:
+            for entry in body.get("outs", []) + body.get("metrics", []):
+                name = entry if isinstance(entry, str) else next(iter(entry))
+                found.append(Path(name.replace("${item}", item or "")))
+    return found
+
+
+@pytest.fixture(scope="module")
+def repo_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A git repository holding this project's files with tiny params."""
+    root = tmp_path_factory.mktemp("genlab-repo")
+    for name in _tracked_files():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, root / name)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    (root / "params.yaml").write_text(yaml.safe_dump(_merge(params, TINY), sort_keys=False))
+    run(["git", "init", "-q"], root)
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-q", "-m", "baseline"], root)
+    return root
+
+
+def test_dvc_yaml_outputs_match_library_paths() -> None:
+    dvc_yaml = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    declared = set(dvc_outputs(dvc_yaml, ["vae"]))
+    expected = {
+        paths.PREPARED,
+        paths.EVALUATOR,
+        paths.EVALUATOR_METRICS,
+        paths.family_model_dir("vae"),
+        paths.family_checkpoints("vae"),
+        paths.family_metrics("vae"),
+        paths.family_samples("vae"),
+        paths.REPORT_SUMMARY,
+        paths.REPORT_FIGURE,
+        paths.REAL_DATA_METRICS,
+    }
+    assert declared == expected
+
+
+def test_dvc_yaml_params_exist_in_params_yaml() -> None:
+    """Every params key a stage declares is a real key of params.yaml."""
+    dvc_yaml = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    params = load_params(REPO / "params.yaml").model_dump()
+    for stage in dvc_yaml["stages"].values():
+        for key in stage.get("do", stage).get("params", []):
+            for family in params["families"]:
+                node = params
+                for part in key.replace("${item}", family).split("."):
+                    assert part in node, f"dvc.yaml declares unknown param {key}"
+                    node = node[part]
+
+
+def test_repro_then_experiment_lands_in_one_store(repo_copy: Path) -> None:
+    root = repo_copy
+    run(["dvc", "repro"], root)
+
+    # Every output dvc.yaml declares exists.
+    families = ["vae"]
+    for out in dvc_outputs(yaml.safe_load((root / "dvc.yaml").read_text()), families):
+        assert (root / out).exists(), f"dvc repro did not produce {out}"
+    meta = json.loads((root / "data/prepared/meta.json").read_text())
+    metrics = json.loads((root / "metrics/vae.json").read_text())
+    for key in ("eval/fid", "eval/kid_mean", "eval/precision", "eval/recall", "eval/isc_mean"):
+        assert key in metrics
+    assert metrics["test/nll_bound_nats"] > 0
+    assert metrics["test/bpd_bound"] == pytest.approx(
+        metrics["test/nll_bound_nats"] / (64 * 0.6931471805599453)
+    )
+    real = json.loads((root / "reports/real_data.json").read_text())
+    assert real["eval/fid"] < metrics["eval/fid"]
+    summary = (root / "reports/summary.md").read_text()
+    assert "| vae | lower_bound |" in summary and "real data" in summary
+
+    # The MLflow store at the repository root holds one run for the family, complete.
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("digits")
+    assert experiment is not None
+    assert experiment.artifact_location == (root / "mlartifacts").as_uri()
+    runs = client.search_runs([experiment.experiment_id], "tags.family = 'vae'")
+    assert len(runs) == 1
+    run_ = runs[0]
+    assert run_.data.params["model.latent_dim"] == "4"
+    assert run_.data.params["trainer.precision"] == "32-true"
+    head = run(["git", "rev-parse", "HEAD"], root).strip()
+    tags = run_.data.tags
+    assert tags["git_commit"] == head
+    assert tags["git_dirty"] in ("true", "false")
+    assert tags["dvc_stage"] == "train@vae"
+    assert tags["data_sha256"] == meta["data_sha256"]
+    assert len(client.get_metric_history(run_.info.run_id, "train/loss")) >= 2
+    # Two validation epochs during training, plus the evaluate stage's value of the kept
+    # checkpoint, logged at that checkpoint's step (on the curve, not before it).
+    val_curve = client.get_metric_history(run_.info.run_id, "val/nll_bound_nats")
+    assert len(val_curve) == 3
+    assert min(m.step for m in val_curve) > 0
+    for key, value in metrics.items():
+        assert run_.data.metrics[key] == pytest.approx(value), key
+    artifacts = {a.path for a in client.list_artifacts(run_.info.run_id)}
+    assert {"checkpoint", "evaluation", "params.yaml", "images"} <= artifacts
+    assert [a.path for a in client.list_artifacts(run_.info.run_id, "checkpoint")] == [
+        "checkpoint/model.ckpt"
+    ]
+    images = client.list_artifacts(run_.info.run_id, "images")
+    assert any(a.path.endswith(".png") for a in images), "sample grids were not logged"
+    report_runs = client.search_runs([experiment.experiment_id], "tags.family = 'real_data'")
+    assert len(report_runs) == 1
+
+    # A second repro with nothing changed runs nothing.
+    out = run(["dvc", "repro"], root)
+    assert "Running stage" not in out
+    assert len(client.search_runs([experiment.experiment_id])) == 2
+
+    # An experiment in a temporary copy lands in the same store and compares with the baseline.
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-q", "-m", "baseline results"], root)
+    run(["dvc", "exp", "run", "--temp", "-n", "small-z", "-S", "models.vae.latent_dim=3"], root)
+    runs = client.search_runs([experiment.experiment_id], "tags.family = 'vae'")
+    assert len(runs) == 2
+    exp_run = next(r for r in runs if r.data.tags.get("dvc_exp_name") == "small-z")
+    assert exp_run.data.params["model.latent_dim"] == "3"
+    assert "eval/fid" in exp_run.data.metrics  # evaluate logged into the experiment's run
+    exp_artifacts = {a.path for a in client.list_artifacts(exp_run.info.run_id)}
+    assert "checkpoint" in exp_artifacts  # artifacts did not vanish with the temporary copy
+
+    shown = find_named(json.loads(run(["dvc", "exp", "show", "--json"], root)), "small-z")
+    assert shown, "dvc exp show does not list the experiment"
+    assert any("metrics/vae.json" in json.dumps(entry) for entry in shown)
+    run(["dvc", "exp", "apply", "small-z"], root)
+    diff = json.loads(run(["dvc", "metrics", "diff", "--json"], root))
+    assert "eval/fid" in diff["metrics/vae.json"]
