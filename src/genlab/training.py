@@ -20,6 +20,7 @@ import yaml
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from mlflow.tracking import MlflowClient
 
 from genlab.config import Params, config_hash
@@ -40,6 +41,7 @@ from genlab.tracking import (
 
 RUN_FILE = "run.json"
 MODEL_FILE = "model.ckpt"
+LAST = "last"  # in-progress checkpoint: <checkpoint_root>/<config hash>/last.ckpt
 
 
 def grid_labels(model: GenerativeModule, n: int) -> torch.Tensor | None:
@@ -87,7 +89,12 @@ def _callbacks(
     """Resumable `last.ckpt`, the best-validation checkpoint, early stopping, sample grids."""
     fp = params.family(family)
     callbacks: list[Callback] = [
-        ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0),
+        # The latest epoch, every epoch, for resume. Not `save_last=True`: since Lightning 2.6 it
+        # writes last.ckpt only in steps where a top-k checkpoint was saved. No version counter,
+        # so a resumed fit keeps writing the same file.
+        ModelCheckpoint(
+            dirpath=ckpt_dir, filename=LAST, save_top_k=1, enable_version_counter=False
+        ),
         SampleGridCallback(
             params.trainer.sample_every_n_epochs, params.trainer.sample_grid_size, params.seed
         ),
@@ -96,7 +103,12 @@ def _callbacks(
     if model.likelihood != "none":
         monitor = nll_key("val", model.likelihood)
         best = ModelCheckpoint(
-            dirpath=ckpt_dir, filename="best", monitor=monitor, mode="min", save_top_k=1
+            dirpath=ckpt_dir,
+            filename="best",
+            monitor=monitor,
+            mode="min",
+            save_top_k=1,
+            enable_version_counter=False,
         )
         callbacks.append(best)
         if fp.early_stopping_patience is not None:
@@ -187,8 +199,17 @@ def train_family(
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    resume = "last" if (ckpt_dir / "last.ckpt").is_file() else None
-    trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
+    last = ckpt_dir / f"{LAST}.ckpt"
+    resume = last if last.is_file() else None
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
+    except SIGTERMException:
+        # Lightning raises SystemExit(None) here: exit code 0, which DVC would record as a
+        # finished stage. Turn it into a failure; last.ckpt of the last full epoch is kept.
+        raise TrainingInterrupted(
+            f"training of {family} received SIGTERM in epoch {trainer.current_epoch}; "
+            f"checkpoints kept in {ckpt_dir}, re-run to resume"
+        ) from None
     stopped_early = any(isinstance(c, EarlyStopping) and c.stopped_epoch > 0 for c in callbacks)
     if (
         trainer.received_sigterm

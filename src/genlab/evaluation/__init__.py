@@ -1,1 +1,1 @@
-"""Evaluation: the dataset-specific feature extractor, sample metrics, likelihood metrics, report."""
+"""Evaluation: the dataset's feature extractor, sample metrics, likelihood metrics, report."""

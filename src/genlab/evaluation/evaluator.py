@@ -79,7 +79,7 @@ class Classifier(nn.Module):
         self.head = nn.Linear(feature_dim, num_classes)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """x: integer levels (B, C, H, W) -> (features (B, feature_dim), logits (B, num_classes))."""
+        """x: integer levels (B, C, H, W) -> features (B, feature_dim), logits (B, num_classes)."""
         dtype = self.hidden.weight.dtype
         h = x.to(dtype) * (2 / (self.levels - 1)) - 1  # (B, C, H, W) in [-1, 1]
         h = self.convs(h)  # (B, 2w, H/2, W/2)
@@ -314,5 +314,5 @@ def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") 
     except (KeyError, TypeError, RuntimeError) as exc:
         raise ValueError(
             f"{path}: damaged genlab evaluator file ({exc}); re-run `dvc repro evaluator`"
-        )
+        ) from None
     return classifier.to(map_location).eval()

@@ -1,39 +1,53 @@
-"""Sample-quality metrics through torch-fidelity, in the evaluator classifier's feature space.
+"""Sample metrics through torch-fidelity, in the feature space of the genlab evaluator.
 
-The evaluator (a classifier trained on the dataset) is registered with torch-fidelity as a feature
-extractor: its penultimate features feed FID, KID and precision/recall, its logits the
-Inception-style score. All metrics come from one `calculate_metrics` call, so each input's
-features are extracted once.
+torch-fidelity (the reference implementation of FID, KID, precision/recall and the Inception
+Score) looks feature extractors up by name in its registry; `register_extractor()` adds ours as
+"genlab-evaluator". Its "features" (the classifier's penultimate activations) serve FID, KID and
+precision/recall, its "logits" the Inception-style score. Nothing is registered at import time.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch_fidelity
 from torch import Tensor
 from torch.utils.data import Dataset
-from torch_fidelity.feature_extractor_base import FeatureExtractorBase
-from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from genlab.config import EvaluateParams
 from genlab.evaluation.evaluator import load_classifier
 
 EXTRACTOR_NAME = "genlab-evaluator"
 
+_DEFAULT_LAYER = {"fid": "features", "kid": "features", "prc": "features", "isc": "logits"}
 
-class EvaluatorFeatureExtractor(FeatureExtractorBase):
-    """torch-fidelity view of the evaluator: uint8 level images -> ("features", "logits")."""
 
-    def __init__(self, name: str, features_list: list[str], **kwargs) -> None:
+class EvaluatorFeatureExtractor(torch_fidelity.FeatureExtractorBase):
+    """The genlab evaluator as a torch-fidelity feature extractor.
+
+    torch-fidelity builds it as `cls(name, features_list, **all_calculate_metrics_kwargs)`, moves
+    it to the GPU when `cuda=True`, and feeds it the batches of the input Dataset unchanged:
+    here uint8 (B, C, H, W) integer levels, which the classifier scales itself.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        features_list: list[str],
+        feature_extractor_weights_path: str | None = None,
+        **kwargs: object,  # the rest of calculate_metrics' arguments, unused here
+    ) -> None:
         super().__init__(name, features_list)
-        path = kwargs.get("feature_extractor_weights_path")
-        if path is None:
-            raise ValueError(f"{EXTRACTOR_NAME} needs feature_extractor_weights_path")
-        self.classifier = load_classifier(path)
-        self.requires_grad_(False)
+        if feature_extractor_weights_path is None:
+            raise ValueError(
+                f"feature extractor {name!r} needs feature_extractor_weights_path "
+                "(the evaluator file written by `dvc repro evaluator`)"
+            )
+        self.classifier = load_classifier(feature_extractor_weights_path)
 
     @staticmethod
     def get_provided_features_list() -> tuple[str, ...]:
@@ -41,7 +55,7 @@ class EvaluatorFeatureExtractor(FeatureExtractorBase):
 
     @staticmethod
     def get_default_feature_layer_for_metric(metric: str) -> str:
-        return "logits" if metric == "isc" else "features"
+        return _DEFAULT_LAYER[metric]
 
     @staticmethod
     def can_be_compiled() -> bool:
@@ -52,19 +66,35 @@ class EvaluatorFeatureExtractor(FeatureExtractorBase):
         return None
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
-        features, logits = self.classifier(x)
-        named = {"features": features, "logits": logits}
-        return tuple(named[name] for name in self.features_list)
+        features, logits = self.classifier(x)  # (B, feature_dim), (B, num_classes)
+        out = {"features": features, "logits": logits}
+        # In the order torch-fidelity asked for (it builds the list from a set: any order).
+        return tuple(out[name] for name in self.features_list)
 
 
 def register_extractor() -> None:
-    """Make EXTRACTOR_NAME known to torch-fidelity (idempotent; nothing happens at import)."""
+    """Register the extractor with torch-fidelity; calling it again does nothing."""
     if EXTRACTOR_NAME not in FEATURE_EXTRACTORS_REGISTRY:
-        register_feature_extractor(EXTRACTOR_NAME, EvaluatorFeatureExtractor)
+        torch_fidelity.register_feature_extractor(EXTRACTOR_NAME, EvaluatorFeatureExtractor)
+
+
+@dataclass(frozen=True)
+class SampleMetrics:
+    fid: float
+    kid_mean: float  # unbiased MMD^2 estimate: may be slightly negative for close sets
+    kid_std: float
+    precision: float  # fraction of generated images inside the real manifold
+    recall: float  # fraction of real images inside the generated manifold
+    f_score: float
+    isc_mean: float  # Inception-style score, from the evaluator's logits
+    isc_std: float
+
+    def as_dict(self, prefix: str = "eval") -> dict[str, float]:
+        return {f"{prefix}/{key}": float(value) for key, value in asdict(self).items()}
 
 
 class _Images(Dataset):
-    """The image-only Dataset torch-fidelity reads: one uint8 (C, H, W) tensor per item."""
+    """A tensor of images as the Dataset torch-fidelity wants: item i is image i (a tensor)."""
 
     def __init__(self, x: Tensor) -> None:
         self.x = x
@@ -76,27 +106,12 @@ class _Images(Dataset):
         return self.x[i]
 
 
-@dataclass(frozen=True)
-class SampleMetrics:
-    fid: float
-    kid_mean: float
-    kid_std: float
-    precision: float
-    recall: float
-    f_score: float
-    isc_mean: float
-    isc_std: float
-
-    def as_dict(self, prefix: str = "eval") -> dict[str, float]:
-        return {f"{prefix}/{name}": float(value) for name, value in vars(self).items()}
-
-
-def _check_images(x: Tensor, what: str) -> None:
+def _check_images(name: str, x: Tensor) -> None:
     if not isinstance(x, Tensor) or x.dtype != torch.uint8 or x.ndim != 4:
-        got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"{what} must be a uint8 tensor (N, C, H, W) of levels, got {got}")
+        what = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"{name}: expected uint8 images (N, C, H, W), got {what}")
     if x.shape[0] < 2:
-        raise ValueError(f"{what} needs at least 2 images for FID/KID, got {x.shape[0]}")
+        raise ValueError(f"{name}: need at least 2 images, got {x.shape[0]}")
 
 
 def sample_metrics(
@@ -107,44 +122,72 @@ def sample_metrics(
     protocol: EvaluateParams,
     device: torch.device | str = "cpu",
 ) -> SampleMetrics:
-    """FID, KID, precision/recall of `generated` against `reference`; IS of `generated`."""
-    _check_images(generated, "generated images")
-    _check_images(reference, "reference images")
+    """FID, KID, precision/recall and Inception-style score of `generated` against `reference`.
+
+    generated: uint8 (N, C, H, W), reference: uint8 (M, C, H, W), integer levels. One
+    torch-fidelity call, so each set's features are extracted once and shared by all metrics.
+    KID subsets and ISC splits shrink to the set sizes when those are smaller than the protocol's.
+    """
+    _check_images("generated", generated)
+    _check_images("reference", reference)
     if generated.shape[1:] != reference.shape[1:]:
         raise ValueError(
-            f"generated images {tuple(generated.shape[1:])} and reference images "
-            f"{tuple(reference.shape[1:])} differ in shape"
+            f"generated images are {tuple(generated.shape[1:])} but reference images are "
+            f"{tuple(reference.shape[1:])}; both sets must have the same (C, H, W)"
         )
+    # Load once up front: a missing or foreign file fails here with genlab's message, and the
+    # levels and channels are checked before any feature is extracted.
+    config = load_classifier(evaluator_path).config
+    if generated.shape[1] != config["in_channels"]:
+        raise ValueError(
+            f"images have {generated.shape[1]} channels but the evaluator {evaluator_path} "
+            f"was trained on {config['in_channels']}"
+        )
+    top = max(int(generated.max()), int(reference.max()))
+    if top >= config["levels"]:
+        raise ValueError(
+            f"pixel value {top} outside the evaluator's levels 0..{config['levels'] - 1}"
+        )
+
     register_extractor()
     n, m = generated.shape[0], reference.shape[0]
-    out = torch_fidelity.calculate_metrics(
-        input1=_Images(generated.cpu()),
-        input2=_Images(reference.cpu()),
-        fid=True,
-        kid=True,
-        prc=True,
-        isc=True,
-        feature_extractor=EXTRACTOR_NAME,
-        feature_extractor_weights_path=str(evaluator_path),
-        kid_subset_size=min(protocol.kid_subset_size, n, m),
-        kid_subsets=protocol.kid_subsets,
-        prc_neighborhood=protocol.prc_neighborhood,
-        isc_splits=min(protocol.isc_splits, n),
-        batch_size=protocol.batch_size,
-        cuda=torch.device(device).type == "cuda",
-        cache=False,
-        verbose=False,
-        rng_seed=protocol.seed,
-    )
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    # torch-fidelity moves the extractor with a bare `.cuda()`: pick the GPU by making it current.
+    where = torch.cuda.device(device) if cuda else contextlib.nullcontext()
+    with where:
+        raw = torch_fidelity.calculate_metrics(
+            input1=_Images(generated.cpu()),
+            input2=_Images(reference.cpu()),
+            fid=True,
+            kid=True,
+            prc=True,
+            isc=True,
+            feature_extractor=EXTRACTOR_NAME,
+            feature_extractor_weights_path=str(evaluator_path),
+            kid_subset_size=min(protocol.kid_subset_size, n, m),
+            kid_subsets=protocol.kid_subsets,
+            prc_neighborhood=protocol.prc_neighborhood,
+            isc_splits=min(protocol.isc_splits, n),
+            batch_size=protocol.batch_size,
+            cuda=cuda,
+            cache=False,
+            verbose=False,
+            rng_seed=protocol.seed,
+            # The images are already in memory: no DataLoader worker processes (torch-fidelity
+            # starts up to 4 otherwise). Precision/recall is then computed in row blocks, with
+            # the same result.
+            save_cpu_ram=True,
+        )
     return SampleMetrics(
-        fid=out[torch_fidelity.KEY_METRIC_FID],
-        kid_mean=out[torch_fidelity.KEY_METRIC_KID_MEAN],
-        kid_std=out[torch_fidelity.KEY_METRIC_KID_STD],
-        precision=out[torch_fidelity.KEY_METRIC_PRECISION],
-        recall=out[torch_fidelity.KEY_METRIC_RECALL],
-        f_score=out[torch_fidelity.KEY_METRIC_F_SCORE],
-        isc_mean=out[torch_fidelity.KEY_METRIC_ISC_MEAN],
-        isc_std=out[torch_fidelity.KEY_METRIC_ISC_STD],
+        fid=raw[torch_fidelity.KEY_METRIC_FID],
+        kid_mean=raw[torch_fidelity.KEY_METRIC_KID_MEAN],
+        kid_std=raw[torch_fidelity.KEY_METRIC_KID_STD],
+        precision=raw[torch_fidelity.KEY_METRIC_PRECISION],
+        recall=raw[torch_fidelity.KEY_METRIC_RECALL],
+        f_score=raw[torch_fidelity.KEY_METRIC_F_SCORE],
+        isc_mean=raw[torch_fidelity.KEY_METRIC_ISC_MEAN],
+        isc_std=raw[torch_fidelity.KEY_METRIC_ISC_STD],
     )
 
 
@@ -157,10 +200,18 @@ def classifier_accuracy(
     batch_size: int = 256,
     device: torch.device | str = "cpu",
 ) -> float:
-    """Fraction of images the evaluator classifies as `y` (correct count / total)."""
+    """Fraction of images x (uint8 (N, C, H, W)) that the evaluator classifies as y (int64 (N,)).
+
+    For class-conditional samples this is the conditional accuracy (`eval/cond_acc`).
+    """
+    _check_images("x", x)
+    if y.dtype != torch.int64 or y.shape != x.shape[:1]:
+        raise ValueError(
+            f"y: expected int64 labels ({x.shape[0]},), got {y.dtype} {tuple(y.shape)}"
+        )
     classifier = load_classifier(evaluator_path, map_location=device)
     correct = 0
-    for i in range(0, x.shape[0], batch_size):
-        _, logits = classifier(x[i : i + batch_size].to(device))
-        correct += int((logits.argmax(1).cpu() == y[i : i + batch_size]).sum())
+    for xb, yb in zip(x.split(batch_size), y.split(batch_size), strict=True):
+        _, logits = classifier(xb.to(device))  # (b, num_classes)
+        correct += int((logits.argmax(dim=1) == yb.to(device)).sum())
     return correct / x.shape[0]

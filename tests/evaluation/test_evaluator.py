@@ -1,0 +1,121 @@
+"""The evaluator classifier, its training run and its file format."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from genlab.data.prepared import load_split, read_meta
+from genlab.evaluation.evaluator import (
+    FORMAT,
+    Classifier,
+    load_classifier,
+    random_affine,
+    save_evaluator,
+)
+from genlab.evaluation.fidelity import classifier_accuracy
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 8), (3, 8, 8), (1, 16, 16), (3, 16, 16), (2, 9, 13)])
+def test_classifier_shapes(shape: tuple[int, int, int]) -> None:
+    torch.manual_seed(0)
+    c, h, w = shape
+    net = Classifier(in_channels=c, levels=17, num_classes=10, width=4, feature_dim=12).eval()
+    x = torch.randint(0, 17, (5, c, h, w), dtype=torch.uint8)
+    features, logits = net(x)
+    assert features.shape == (5, 12)
+    assert logits.shape == (5, 10)
+    assert torch.isfinite(logits).all()
+    # Penultimate activations: after the ReLU, and the head is the only thing after them.
+    assert (features >= 0).all()
+    torch.testing.assert_close(net.head(features), logits)
+
+
+def test_classifier_reads_levels_not_raw_bytes() -> None:
+    """Same picture at 17 and at 33 levels -> same input to the network after its scaling."""
+    torch.manual_seed(0)
+    a = Classifier(in_channels=1, levels=17, num_classes=10, width=4, feature_dim=8).eval()
+    b = Classifier(in_channels=1, levels=33, num_classes=10, width=4, feature_dim=8).eval()
+    b.load_state_dict(a.state_dict())
+    x17 = torch.randint(0, 17, (3, 1, 8, 8), dtype=torch.uint8)
+    x33 = 2 * x17  # level k of 17 is level 2k of 33: the same intensity k / 16
+    torch.testing.assert_close(a(x17), b(x33))
+
+
+def test_random_affine_keeps_levels() -> None:
+    torch.manual_seed(0)
+    x = torch.randint(0, 17, (64, 3, 8, 8), dtype=torch.uint8)
+    out = random_affine(x, degrees=10, scale=0.1, shift=1)
+    assert out.dtype == torch.uint8 and out.shape == x.shape
+    assert int(out.max()) <= 16
+    assert not torch.equal(out, x)
+    # No rotation, scaling or shift: bilinear sampling at the pixel centres is the identity.
+    assert torch.equal(random_affine(x, degrees=0, scale=0, shift=0), x)
+
+
+def test_train_evaluator_writes_documented_file(trained_evaluator) -> None:
+    path, result, prepared = trained_evaluator
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary files left
+    blob = torch.load(path, weights_only=True)
+    assert set(blob) == {
+        "format",
+        "config",
+        "state_dict",
+        "val_accuracy",
+        "test_accuracy",
+        "dataset_sha256",
+    }
+    assert blob["format"] == FORMAT
+    assert blob["config"] == {
+        "in_channels": 1,
+        "levels": 17,
+        "num_classes": 10,
+        "width": 16,
+        "feature_dim": 32,
+        "dropout": 0.2,
+    }
+    assert blob["dataset_sha256"] == read_meta(prepared).data_sha256
+    assert blob["val_accuracy"] == result.val_accuracy
+    assert blob["test_accuracy"] == result.test_accuracy
+    assert result.val_accuracy > 0.3 and result.test_accuracy > 0.3  # chance is 0.1
+    assert result.num_params == sum(p.numel() for p in load_classifier(path).parameters())
+
+
+def test_saved_weights_are_the_reported_ones(trained_evaluator) -> None:
+    """The file holds the kept (best-validation) weights, and the test accuracy is theirs."""
+    path, result, prepared = trained_evaluator
+    for split, reported in (("val", result.val_accuracy), ("test", result.test_accuracy)):
+        s = load_split(prepared, split)
+        assert classifier_accuracy(path, s.x, s.y) == pytest.approx(reported, abs=1e-6)
+
+
+def test_load_classifier_is_in_eval_mode(trained_evaluator) -> None:
+    net = load_classifier(trained_evaluator.path)
+    assert not net.training
+    x = torch.randint(0, 17, (4, 1, 8, 8), dtype=torch.uint8)
+    torch.testing.assert_close(net(x), net(x))  # dropout off, batch-norm running statistics
+
+
+def test_save_is_atomic_over_an_existing_file(tmp_path) -> None:
+    net = Classifier(in_channels=1, levels=17, num_classes=10, width=4, feature_dim=8)
+    path = tmp_path / "evaluator.pt"
+    path.write_text("old")
+    save_evaluator(path, net, val_accuracy=0.5, test_accuracy=0.25, dataset_sha256="abc")
+    assert [p.name for p in tmp_path.iterdir()] == ["evaluator.pt"]
+    assert torch.load(path, weights_only=True)["test_accuracy"] == 0.25
+
+
+def test_load_classifier_missing_file(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="dvc repro evaluator"):
+        load_classifier(tmp_path / "nope.pt")
+
+
+def test_load_classifier_rejects_other_files(tmp_path) -> None:
+    other = tmp_path / "other.pt"
+    torch.save({"state_dict": {}}, other)
+    with pytest.raises(ValueError, match="not a genlab evaluator"):
+        load_classifier(other)
+    text = tmp_path / "text.pt"
+    text.write_text("hello")
+    with pytest.raises(ValueError, match="not a genlab evaluator"):
+        load_classifier(text)

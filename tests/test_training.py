@@ -1,0 +1,82 @@
+"""Training as a real process: SIGTERM is not success, and the next run resumes the same run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+from mlflow.tracking import MlflowClient
+
+from genlab.data.prepared import prepare
+
+GENLAB = [sys.executable, "-m", "genlab.cli"]
+
+
+def _params(tmp: Path, max_epochs: int) -> None:
+    params = {
+        "families": ["vae"],
+        "trainer": {"sample_every_n_epochs": 1000, "log_every_n_steps": 1},
+        "models": {"vae": {"max_epochs": max_epochs, "batch_size": 500, "hidden_dim": 8}},
+    }
+    (tmp / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def _env(tmp: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    return env | {"OMP_NUM_THREADS": "1", "DVC_ROOT": str(tmp)}
+
+
+def test_sigterm_exits_nonzero_writes_nothing_final_and_resume_finishes(tmp_path: Path) -> None:
+    prepare("digits", tmp_path / "data/prepared")
+    _params(tmp_path, max_epochs=150)
+    proc = subprocess.Popen(
+        [*GENLAB, "train", "vae"],
+        cwd=tmp_path,
+        env=_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    ckpt_root = tmp_path / "checkpoints/vae"
+    deadline = time.monotonic() + 120
+    while not list(ckpt_root.glob("*/last.ckpt")):
+        assert proc.poll() is None, proc.communicate()[0]
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+
+    assert proc.returncode != 0, output
+    assert "received SIGTERM" in output
+    assert not (tmp_path / "models/vae/model.ckpt").exists()
+    (ckpt_dir,) = ckpt_root.iterdir()
+    run_id = json.loads((ckpt_dir / "run.json").read_text())["run_id"]
+    epoch_at_kill = _epoch(ckpt_dir / "last.ckpt")
+    assert 0 < epoch_at_kill < 150
+
+    # Same config: resumes from last.ckpt into the same MLflow run and finishes. (Fewer epochs
+    # would be another config, hence another checkpoint folder: never resumed silently.)
+    done = subprocess.run(
+        [*GENLAB, "train", "vae"], cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (tmp_path / "models/vae/model.ckpt").is_file()
+    assert json.loads((tmp_path / "models/vae/run.json").read_text())["run_id"] == run_id
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs(client.search_experiments()[0].experiment_id.split())
+    assert [r.info.run_id for r in runs] == [run_id]
+    steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]
+    assert steps == sorted(steps) and len(steps) == len(set(steps)), "resume re-logged steps"
+    assert max(steps) == 150 * 2 - 1  # 1000 images / batch 500 = 2 steps per epoch
+
+
+def _epoch(path: Path) -> int:
+    import torch
+
+    return int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
