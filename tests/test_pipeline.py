@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -218,3 +219,44 @@ def test_repro_then_experiment_lands_in_one_store(repo_copy: Path) -> None:
     run(["dvc", "exp", "apply", "small-z"], root)
     diff = json.loads(run(["dvc", "metrics", "diff", "--json"], root))
     assert "eval/fid" in diff["metrics/vae.json"]
+
+
+@pytest.mark.slow
+def test_queued_experiments_land_complete_in_the_same_store(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    root = tmp_path_factory.mktemp("genlab-queue")
+    for name in _tracked_files():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, root / name)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    (root / "params.yaml").write_text(yaml.safe_dump(_merge(params, TINY), sort_keys=False))
+    run(["git", "init", "-q"], root)
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-q", "-m", "baseline"], root)
+
+    for name, latent in (("q-three", 3), ("q-five", 5)):
+        run(
+            ["dvc", "exp", "run", "--queue", "-n", name, "-S", f"models.vae.latent_dim={latent}"],
+            root,
+        )
+    run(["dvc", "queue", "start", "-j", "1"], root)
+    deadline = time.monotonic() + 900
+    while True:
+        status = run(["dvc", "queue", "status"], root)
+        if not any(word in status for word in ("Queued", "Running")):
+            break
+        assert time.monotonic() < deadline, status
+        time.sleep(5)
+    assert "Failed" not in status, status + run(["dvc", "queue", "logs", "q-three"], root)
+
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("digits")
+    runs = client.search_runs([experiment.experiment_id], "tags.family = 'vae'")
+    by_exp = {r.data.tags.get("dvc_exp_name"): r for r in runs}
+    assert set(by_exp) == {"q-three", "q-five"}
+    for name, latent in (("q-three", 3), ("q-five", 5)):
+        run_ = by_exp[name]
+        assert run_.data.params["model.latent_dim"] == str(latent)
+        assert "eval/fid" in run_.data.metrics and "test/nll_bound_nats" in run_.data.metrics
+        assert "checkpoint" in {a.path for a in client.list_artifacts(run_.info.run_id)}
