@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from genlab.config import EvaluatorParams, TrainerParams
 from genlab.data.prepared import load_split, read_meta
 from genlab.evaluation.evaluator import (
     FORMAT,
@@ -12,6 +13,7 @@ from genlab.evaluation.evaluator import (
     load_classifier,
     random_affine,
     save_evaluator,
+    train_evaluator,
 )
 from genlab.evaluation.fidelity import classifier_accuracy
 
@@ -87,6 +89,25 @@ def test_saved_weights_are_the_reported_ones(trained_evaluator) -> None:
     for split, reported in (("val", result.val_accuracy), ("test", result.test_accuracy)):
         s = load_split(prepared, split)
         assert classifier_accuracy(path, s.x, s.y) == pytest.approx(reported, abs=1e-6)
+
+
+def test_train_evaluator_is_reproducible_and_restores_torch_flags(
+    prepared_digits, tmp_path
+) -> None:
+    params = EvaluatorParams(max_epochs=1, width=4, feature_dim=8)
+    torch.use_deterministic_algorithms(False)
+    results, states = [], []
+    for name in ("a.pt", "b.pt"):
+        results.append(
+            train_evaluator(
+                prepared_digits, tmp_path / name, params=params, trainer=TrainerParams(), seed=3
+            )
+        )
+        assert not torch.are_deterministic_algorithms_enabled()
+        states.append(torch.load(tmp_path / name, weights_only=True)["state_dict"])
+    assert results[0] == results[1]
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
 
 def test_load_classifier_is_in_eval_mode(trained_evaluator) -> None:
