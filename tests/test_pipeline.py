@@ -95,10 +95,8 @@ def dvc_outputs(dvc_yaml: dict, families: list[str]) -> list[Path]:
     return found
 
 
-@pytest.fixture(scope="module")
-def repo_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A git repository holding this project's files with tiny params."""
-    root = tmp_path_factory.mktemp("genlab-repo")
+def make_repo(root: Path) -> Path:
+    """A git repository at `root` holding this project's files with tiny params."""
     for name in _tracked_files():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, root / name)
@@ -108,6 +106,11 @@ def repo_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run(["git", "add", "-A"], root)
     run(["git", "commit", "-q", "-m", "baseline"], root)
     return root
+
+
+@pytest.fixture(scope="module")
+def repo_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_repo(tmp_path_factory.mktemp("genlab-repo"))
 
 
 def test_dvc_yaml_outputs_match_library_paths() -> None:
@@ -225,15 +228,7 @@ def test_repro_then_experiment_lands_in_one_store(repo_copy: Path) -> None:
 def test_queued_experiments_land_complete_in_the_same_store(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    root = tmp_path_factory.mktemp("genlab-queue")
-    for name in _tracked_files():
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / name, root / name)
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    (root / "params.yaml").write_text(yaml.safe_dump(_merge(params, TINY), sort_keys=False))
-    run(["git", "init", "-q"], root)
-    run(["git", "add", "-A"], root)
-    run(["git", "commit", "-q", "-m", "baseline"], root)
+    root = make_repo(tmp_path_factory.mktemp("genlab-queue"))
 
     for name, latent in (("q-three", 3), ("q-five", 5)):
         run(
