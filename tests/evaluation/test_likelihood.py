@@ -31,7 +31,9 @@ class FactorisedCategorical(GenerativeModule):
         logits = scale * torch.randn(levels, *image_shape, generator=g, dtype=torch.float64)
         self.register_buffer("logits", logits)  # (L, C, H, W)
 
-    def log_prob(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def log_prob(
+        self, x: torch.Tensor, y: torch.Tensor | None = None, *, samples: int = 1
+    ) -> torch.Tensor:
         logp = torch.log_softmax(self.logits, dim=0)  # (L, C, H, W)
         return logp.gather(0, x.long()).flatten(1).sum(1)  # (B, C, H, W) -> (B,)
 
@@ -95,11 +97,15 @@ def test_likelihood_metrics_keys() -> None:
     assert set(metrics) == {"val/nll_nats", "val/bpd", "test/nll_nats", "test/bpd"}
     assert metrics["test/bpd"] == pytest.approx(math.log2(17), rel=1e-12)
 
-    vae = VAE(image_shape=(1, 8, 8), levels=17, num_classes=10, latent_dim=2, hidden_dim=8)
-    bound = likelihood_metrics(vae, splits, batch_size=2, seed=0)
+    kw = {"image_shape": (1, 8, 8), "levels": 17, "num_classes": 10, "latent_dim": 2}
+    elbo_only = VAE(**kw, hidden_dim=8, eval_samples=1)
+    bound = likelihood_metrics(elbo_only, splits, batch_size=2, seed=0)
     assert set(bound) == {"val/nll_bound_nats", "val/bpd_bound", "test/nll_bound_nats"} | {
         "test/bpd_bound"
     }
+    iwae = VAE(**kw, hidden_dim=8, eval_samples=8)
+    both = likelihood_metrics(iwae, {"test": splits["test"]}, batch_size=2, seed=0)
+    assert set(both) == {"test/nll_bound_nats", "test/bpd_bound", "test/nll_bound_k1_nats"}
 
 
 def test_heldout_nll_of_the_vae_is_seeded(tiny_vae_kwargs: dict) -> None:

@@ -188,3 +188,40 @@ def test_lightning_checkpoint_round_trip(
         model.sample(4, labels[:4] if conditional else None, generator=g().manual_seed(0)),
         loaded.sample(4, labels[:4] if conditional else None, generator=g().manual_seed(0)),
     )
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+def test_elbo_below_iwae_k_below_iwae_larger_k(tiny_vae_kwargs: dict, conditional: bool) -> None:
+    """Burda et al. (2016), Theorem 1: log p(x) >= IWAE-k' >= IWAE-k >= ELBO for k' > k."""
+    model = make_vae(tiny_vae_kwargs, conditional=conditional).eval()
+    x, y = images(64)
+    y = y if conditional else None
+    bounds = {}
+    for k in (1, 4, 32, 256):
+        torch.manual_seed(7)
+        with torch.no_grad():
+            bounds[k] = model.log_prob(x, y, samples=k).mean().item()
+    assert bounds[1] < bounds[4] < bounds[32] < bounds[256] < 0, bounds
+
+
+def test_iwae_in_chunks_equals_one_pass(tiny_vae_kwargs: dict, monkeypatch: pytest.MonkeyPatch):
+    """Chunking the k samples (to bound memory) changes nothing but the memory used."""
+    model = make_vae(tiny_vae_kwargs).eval()
+    x, _ = images(5)
+    torch.manual_seed(3)
+    z = torch.randn(7, 5, tiny_vae_kwargs["latent_dim"])  # the k=7 draws, (k, B, Z)
+
+    def replay(self: torch.distributions.Normal, shape: tuple[int, ...]) -> torch.Tensor:
+        nonlocal start
+        eps = z[start : start + shape[0]]
+        start += shape[0]
+        return self.loc + eps * self.scale
+
+    monkeypatch.setattr(torch.distributions.Normal, "rsample", replay)
+    results = []
+    for chunk in (1000, 10):  # all 7 samples at once; chunks of 2 samples (10 // 5 images)
+        monkeypatch.setattr("genlab.models.vae.IWAE_CHUNK", chunk)
+        start = 0
+        with torch.no_grad():
+            results.append(model.log_prob(x, samples=7))
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=1e-5)

@@ -80,7 +80,8 @@ def evaluate_model(
             evaluator_path, samples, generated.labels, device=device
         )
     if model.likelihood != "none":
-        splits = {"val": load_split(prepared_dir, "val", meta), "test": test}
+        # Test only: the validation curve is already in the run, measured during training.
+        splits = {"test": test}
         metrics |= likelihood_metrics(
             model, splits, batch_size=protocol.batch_size, seed=protocol.seed
         )

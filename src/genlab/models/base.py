@@ -3,8 +3,11 @@
 A family is a `GenerativeModule` subclass in its own file that provides:
 
 - ``sample(n, y=None, generator=None) -> uint8 (n, C, H, W)`` in the dataset's integer levels;
-- ``log_prob(x, y=None) -> (n,)`` nats per image of the *discrete* data, when ``likelihood`` is
-  ``"exact"`` or ``"lower_bound"``;
+- ``log_prob(x, y=None, *, samples=1) -> (n,)`` nats per image of the *discrete* data, when
+  ``likelihood`` is ``"exact"`` or ``"lower_bound"``. A bound that uses Monte Carlo draws takes
+  ``samples`` of them, importance-weighted (IWAE-k for the VAE, importance-weighted dequantization
+  for a flow): the bound tightens as ``samples`` grows. Exact families ignore it. Validation during
+  training uses ``samples=1``; held-out evaluation uses ``eval_samples`` (an hparam, default 1);
 - ``encode(x, y=None) -> latent`` when ``has_latent``;
 - ``energy(x)`` for energy-based families.
 
@@ -58,6 +61,11 @@ class GenerativeModule(L.LightningModule):
     def dims(self) -> int:
         c, h, w = self.image_shape
         return c * h * w
+
+    @property
+    def eval_samples(self) -> int:
+        """Monte Carlo samples per image for held-out evaluation of a bound (1 for exact models)."""
+        return int(self.hparams.get("eval_samples", 1))
 
     @property
     def conditional(self) -> bool:
