@@ -1,0 +1,78 @@
+"""Held-out likelihood of the explicit-density families against targets and public references.
+
+Reads what the default pipeline measured (metrics/<family>.json and each family's MLflow run), so
+the numbers are exactly those of `uv run dvc repro`; `--repro` runs the pipeline first.
+
+    uv run python benchmarks/likelihood.py            # table from the last dvc repro
+    uv run python benchmarks/likelihood.py --repro    # run dvc repro, then the table
+
+Prints one row per family (test nats/image, bits/dim, target, public reference, train time) and a
+summary line. Exit code 0 whatever the numbers: this is a measurement, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+
+from mlflow.tracking import MlflowClient
+
+from genlab import paths
+from genlab.config import load_params
+from genlab.data.prepared import read_meta
+from genlab.models import MODELS
+from genlab.models.base import bpd_key, nll_key
+from genlab.tracking import RunRecord
+from genlab.training import RUN_FILE
+
+# Targets from issue 3 (test split, nats/image) and the public reference on the same split
+# (Tomczak, *Deep Generative Modeling*, intro_dgm notebooks; validation figures).
+TARGETS = {"pixelcnn": 80.0, "flow": 105.0, "vae": 95.0}
+REFERENCES = {"pixelcnn": 88.7, "flow": 124.0, "vae": 100.5}
+
+
+def train_seconds(family: str) -> float:
+    record = RunRecord.load(paths.family_model_dir(family) / RUN_FILE)
+    run = MlflowClient(record.tracking_uri).get_run(record.run_id)
+    return run.data.metrics.get("train/wall_s", math.nan)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repro", action="store_true", help="run `dvc repro` first")
+    args = parser.parse_args(argv)
+    if args.repro:
+        subprocess.run(["dvc", "repro"], check=True)
+
+    params = load_params()
+    meta = read_meta(paths.PREPARED)
+    uniform = meta.dims * math.log(meta.levels)
+    header = f"{'family':<10} {'kind':<12} {'test nats':>10} {'bits/dim':>9} {'target':>7} "
+    header += f"{'reference':>9} {'train s':>8}"
+    print(header)
+    print("-" * len(header))
+    met, rows = 0, 0
+    for family in params.families:
+        kind = MODELS[family].likelihood
+        if kind == "none":
+            continue
+        metrics = json.loads(paths.family_metrics(family).read_text())
+        nats, bpd = metrics[nll_key("test", kind)], metrics[bpd_key("test", kind)]
+        target = TARGETS.get(family, math.nan)
+        rows += 1
+        met += nats <= target
+        mark = "≤" if kind == "lower_bound" else " "
+        print(
+            f"{family:<10} {kind:<12} {mark}{nats:>9.2f} {bpd:>9.3f} {target:>7.1f} "
+            f"{REFERENCES.get(family, math.nan):>9.1f} {train_seconds(family):>8.0f}"
+        )
+    print(f"{'uniform':<10} {'exact':<12} {uniform:>10.2f} {math.log2(meta.levels):>9.3f}")
+    print(f"likelihood: {met}/{rows} families at or under their target (nats/image, test split)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
