@@ -24,7 +24,11 @@ FAMILIES = sorted(MODELS)
 
 @pytest.fixture
 def tiny(tiny_vae_kwargs: dict) -> dict[str, dict]:
-    return {"vae": tiny_vae_kwargs}
+    return {
+        "vae": tiny_vae_kwargs,
+        "pixelcnn": {"channels": 4, "num_layers": 2},
+        "flow": {"hidden_channels": 4, "steps_per_scale": 1, "max_scales": 2, "eval_samples": 2},
+    }
 
 
 def build(family: str, tiny: dict[str, dict], **overrides) -> GenerativeModule:
