@@ -67,7 +67,16 @@ def _tracked_files() -> list[str]:
         text=True,
         check=True,
     ).stdout.split()
-    return [f for f in out if (REPO / f).is_file()]
+    # Pipeline outputs of this working tree (a half-finished local repro leaves some untracked)
+    # are never part of the copy: the copy's own dvc repro produces them.
+    families = load_params(REPO / "params.yaml").families
+    outputs = dvc_outputs(yaml.safe_load((REPO / "dvc.yaml").read_text()), families)
+    generated = [str(o) for o in outputs if not str(o).endswith((".json", ".md"))]
+    return [
+        f
+        for f in out
+        if (REPO / f).is_file() and not any(f == g or f.startswith(f"{g}/") for g in generated)
+    ]
 
 
 def _env() -> dict[str, str]:
