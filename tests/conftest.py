@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 from genlab.data.prepared import prepare
+from genlab.models import GenerativeModule
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -28,3 +32,34 @@ def prepared_digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_vae_kwargs() -> dict:
     """VAE constructor overrides small enough for a CPU unit test."""
     return {"latent_dim": 2, "hidden_dim": 8, "num_layers": 1}
+
+
+FitAndReload = Callable[
+    [GenerativeModule, torch.Tensor, torch.Tensor], tuple[L.Trainer, GenerativeModule]
+]
+
+
+@pytest.fixture
+def fit_and_reload(tmp_path: Path) -> FitAndReload:
+    """Fit a model for one epoch on (x, y) with a real Trainer (train and validation loops), save
+    a Lightning checkpoint and load it back with `weights_only=True`: (trainer, reloaded model)."""
+
+    def run(model: GenerativeModule, x: torch.Tensor, y: torch.Tensor):
+        trainer = L.Trainer(
+            max_epochs=1,
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            default_root_dir=tmp_path,
+        )
+        loader = DataLoader(TensorDataset(x, y), batch_size=8)
+        trainer.fit(model, loader, loader)
+        assert trainer.global_step == -(-len(x) // 8)
+        path = tmp_path / "model.ckpt"
+        trainer.save_checkpoint(path)
+        return trainer, type(model).load_from_checkpoint(path, weights_only=True)
+
+    return run

@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import itertools
 import math
-from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 from torch import nn
 from torch.autograd.functional import jacobian
 from torch.distributions import Normal
-from torch.utils.data import DataLoader, TensorDataset
 
 from genlab.models.flow import (
     ActNorm,
@@ -356,31 +353,16 @@ def test_unconditional_log_prob_ignores_labels() -> None:
     ids=["unconditional-uniform", "conditional-variational"],
 )
 def test_lightning_checkpoint_round_trip(
-    tmp_path: Path, conditional: bool, dequantization: str
+    fit_and_reload, conditional: bool, dequantization: str
 ) -> None:
     model = make_flow(conditional=conditional, dequantization=dequantization)
     x, y = images(16)
-    trainer = L.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-    )
-    loader = DataLoader(TensorDataset(x, y), batch_size=8)
-    trainer.fit(model, loader, loader)
-    assert trainer.global_step == 2
+    trainer, loaded = fit_and_reload(model, x, y)
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     assert torch.isfinite(trainer.callback_metrics["val/nll_bound_nats"])
     actnorms = [m for m in model.modules() if isinstance(m, ActNorm)]
     assert actnorms and all(m.initialized for m in actnorms)
-    path = tmp_path / "model.ckpt"
-    trainer.save_checkpoint(path)
 
-    loaded = Flow.load_from_checkpoint(path, weights_only=True)
     assert loaded.conditional is conditional
     assert loaded.hparams.dequantization == dequantization
     for key, value in model.state_dict().items():

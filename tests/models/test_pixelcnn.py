@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
 
 from genlab.models.pixelcnn import PixelCNN
 
@@ -246,29 +243,14 @@ def test_unconditional_model_ignores_labels() -> None:
 
 # -- system -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("conditional", [False, True], ids=["unconditional", "conditional"])
-def test_lightning_fit_and_checkpoint_round_trip(tmp_path: Path, conditional: bool) -> None:
+def test_lightning_fit_and_checkpoint_round_trip(fit_and_reload, conditional: bool) -> None:
     model = make(conditional=conditional).train()
     x, y = images(16)
-    trainer = L.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-    )
-    loader = DataLoader(TensorDataset(x, y), batch_size=8)
-    trainer.fit(model, loader, loader)
-    assert trainer.global_step == 2
+    trainer, loaded = fit_and_reload(model, x, y)
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     assert torch.isfinite(trainer.callback_metrics["val/nll_nats"])
     assert torch.isfinite(trainer.callback_metrics["val/bpd"])
-    path = tmp_path / "model.ckpt"
-    trainer.save_checkpoint(path)
-
-    loaded = PixelCNN.load_from_checkpoint(path, weights_only=True).eval()
+    loaded.eval()
     model.eval()
     assert loaded.conditional is conditional
     assert loaded.image_shape == SHAPE and loaded.levels == LEVELS

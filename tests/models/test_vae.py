@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import lightning as L
 import pytest
 import torch
 from torch.distributions import Categorical, Normal, kl_divergence
-from torch.utils.data import DataLoader, TensorDataset
 
 from genlab.models.vae import VAE
 
@@ -151,30 +147,15 @@ def test_conditional_samples_are_seeded_and_depend_on_the_label(tiny_vae_kwargs:
 
 @pytest.mark.parametrize("conditional", [False, True], ids=["unconditional", "conditional"])
 def test_lightning_checkpoint_round_trip(
-    tiny_vae_kwargs: dict, tmp_path: Path, conditional: bool
+    tiny_vae_kwargs: dict, fit_and_reload, conditional: bool
 ) -> None:
     model = make_vae(tiny_vae_kwargs, conditional=conditional)
     x, y = images(16)
-    trainer = L.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-    )
-    loader = DataLoader(TensorDataset(x, y), batch_size=8)
-    trainer.fit(model, loader, loader)
-    assert trainer.global_step == 2
+    trainer, loaded = fit_and_reload(model, x, y)
     # The validation hooks ran and logged the bound under its bound-named keys.
     assert torch.isfinite(trainer.callback_metrics["val/nll_bound_nats"])
     assert torch.isfinite(trainer.callback_metrics["val/bpd_bound"])
-    path = tmp_path / "model.ckpt"
-    trainer.save_checkpoint(path)
 
-    loaded = VAE.load_from_checkpoint(path, weights_only=True)
     assert loaded.conditional is conditional
     assert loaded.image_shape == SHAPE and loaded.levels == LEVELS
     model.eval()
