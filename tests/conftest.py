@@ -34,6 +34,17 @@ def tiny_vae_kwargs() -> dict:
     return {"latent_dim": 2, "hidden_dim": 8, "num_layers": 1}
 
 
+@pytest.fixture
+def tiny(tiny_vae_kwargs: dict) -> dict[str, dict]:
+    """Per family, constructor overrides that shrink its defaults to a CPU unit test (a family
+    with no entry runs at its defaults, so give a new family one if those are slow)."""
+    return {
+        "vae": tiny_vae_kwargs,
+        "pixelcnn": {"channels": 4, "num_layers": 2},
+        "flow": {"hidden_channels": 4, "steps_per_scale": 1, "max_scales": 2, "eval_samples": 2},
+    }
+
+
 FitAndReload = Callable[
     [GenerativeModule, torch.Tensor, torch.Tensor], tuple[L.Trainer, GenerativeModule]
 ]

@@ -1,7 +1,6 @@
 """The contract every family in MODELS keeps (DESIGN.md, "One contract for all families").
 
-Each family is built from its params defaults, shrunk by the tiny overrides below (a family with
-no entry runs at its defaults, so give a new family one if those are slow).
+Each family is built from its params defaults, shrunk by the `tiny` overrides of conftest.py.
 """
 
 from __future__ import annotations
@@ -20,15 +19,6 @@ CLASSES = 10
 N = 5
 
 FAMILIES = sorted(MODELS)
-
-
-@pytest.fixture
-def tiny(tiny_vae_kwargs: dict) -> dict[str, dict]:
-    return {
-        "vae": tiny_vae_kwargs,
-        "pixelcnn": {"channels": 4, "num_layers": 2},
-        "flow": {"hidden_channels": 4, "steps_per_scale": 1, "max_scales": 2, "eval_samples": 2},
-    }
 
 
 def build(family: str, tiny: dict[str, dict], **overrides) -> GenerativeModule:
@@ -64,6 +54,14 @@ def test_likelihood_kind_is_declared(family: str) -> None:
     assert issubclass(cls, GenerativeModule)
     assert cls.likelihood in ("exact", "lower_bound", "none")
     assert isinstance(cls.has_latent, bool)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sampling_cost_is_declared(family: str, tiny: dict) -> None:
+    """The evaluate stage reports `nfe_per_sample` next to samples per second."""
+    for conditional in (False, True):
+        nfe = build(family, tiny, conditional=conditional).nfe_per_sample
+        assert isinstance(nfe, float) and nfe >= 1
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -75,6 +75,7 @@ def evaluate_model(
         samples, test.x, evaluator_path, protocol=protocol, device=device
     ).as_dict()
     metrics["eval/samples_per_s"] = protocol.num_samples / generated.seconds
+    metrics["eval/nfe_per_sample"] = model.nfe_per_sample
     if generated.labels is not None:
         metrics["eval/cond_acc"] = classifier_accuracy(
             evaluator_path, samples, generated.labels, device=device

@@ -9,7 +9,10 @@ A family is a `GenerativeModule` subclass in its own file that provides:
   for a flow): the bound tightens as ``samples`` grows. Exact families ignore it. Validation during
   training uses ``samples=1``; held-out evaluation uses ``eval_samples`` (an hparam, default 1);
 - ``encode(x, y=None) -> latent`` when ``has_latent``;
-- ``energy(x)`` for energy-based families.
+- ``energy(x)`` for energy-based families;
+- ``nfe_per_sample``: network evaluations one ``sample`` call spends per image with the family's
+  current sampling settings (a guided diffusion step counts two, a Langevin step one gradient of
+  the energy), the cost the evaluate stage reports next to samples per second.
 
 Stages, evaluation and tracking speak only this contract. The base class holds what every family
 shares for real: the data geometry, the held-out likelihood metric (summed, then divided), and
@@ -66,6 +69,11 @@ class GenerativeModule(L.LightningModule):
     def eval_samples(self) -> int:
         """Monte Carlo samples per image for held-out evaluation of a bound (1 for exact models)."""
         return int(self.hparams.get("eval_samples", 1))
+
+    @property
+    def nfe_per_sample(self) -> float:
+        """Network evaluations per sampled image (one decoder or generator pass by default)."""
+        return 1.0
 
     @property
     def conditional(self) -> bool:

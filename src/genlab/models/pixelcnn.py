@@ -255,6 +255,10 @@ class PixelCNN(GenerativeModule):
         """Exact log P(x | y) of the discrete image in nats, (B,); `samples` is unused."""
         return -self.nll(x.to(self.device), self.labels_for(y))
 
+    @property
+    def nfe_per_sample(self) -> float:
+        return float(self.dims)  # one network pass per pixel and channel
+
     @torch.no_grad()
     def sample(
         self, n: int, y: torch.Tensor | None = None, generator: torch.Generator | None = None
