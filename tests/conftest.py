@@ -42,6 +42,15 @@ def tiny(tiny_vae_kwargs: dict) -> dict[str, dict]:
         "vae": tiny_vae_kwargs,
         "pixelcnn": {"channels": 4, "num_layers": 2},
         "flow": {"hidden_channels": 4, "steps_per_scale": 1, "max_scales": 2, "eval_samples": 2},
+        "gan": {"latent_dim": 4, "channels": 4},
+        "ebm": {"width": 4, "langevin_steps": 2, "sample_steps": 3, "buffer_size": 32},
+        "diffusion": {
+            "channels": 8,
+            "timesteps": 20,
+            "sample_steps": 5,
+            "val_samples": 2,
+            "eval_samples": 3,
+        },
     }
 
 

@@ -41,6 +41,23 @@ TINY = {
             "hidden_dim": 32,
             "eval_samples": 8,
         },
+        "gan": {"max_epochs": 2, "batch_size": 100, "latent_dim": 8, "channels": 8},
+        "ebm": {
+            "max_epochs": 2,
+            "batch_size": 100,
+            "width": 8,
+            "langevin_steps": 3,
+            "sample_steps": 3,
+            "buffer_size": 200,
+        },
+        "diffusion": {
+            "max_epochs": 2,
+            "batch_size": 100,
+            "channels": 8,
+            "timesteps": 50,
+            "sample_steps": 5,
+            "eval_samples": 4,
+        },
     },
     "evaluate": {
         "num_samples": 60,
@@ -223,6 +240,16 @@ def test_repro_then_experiment_lands_in_one_store(repo_copy: Path) -> None:
     assert any(a.path.endswith(".png") for a in images), "sample grids were not logged"
     report_runs = client.search_runs([experiment.experiment_id], "tags.family = 'real_data'")
     assert len(report_runs) == 1
+
+    # Every family of the default params went through the same stages into its own run.
+    for family in load_params(root / "params.yaml").families:
+        metrics = json.loads((root / f"metrics/{family}.json").read_text())
+        (family_run,) = client.search_runs([experiment.experiment_id], f"tags.family = '{family}'")
+        for key in ("eval/fid", "eval/kid_mean", "eval/samples_per_s", "eval/nfe_per_sample"):
+            assert family_run.data.metrics[key] == pytest.approx(metrics[key]), (family, key)
+        images = client.list_artifacts(family_run.info.run_id, "images")
+        assert any(a.path.endswith(".png") for a in images), f"no sample grids for {family}"
+        assert f"| {family} |" in summary
 
     # A second repro with nothing changed runs nothing.
     out = run(["dvc", "repro"], root)

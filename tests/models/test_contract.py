@@ -22,7 +22,9 @@ FAMILIES = sorted(MODELS)
 
 
 def build(family: str, tiny: dict[str, dict], **overrides) -> GenerativeModule:
-    kwargs = family_params_model(family)().model_kwargs() | tiny.get(family, {}) | overrides
+    """The family at its params defaults, shrunk; unconditional unless `conditional=True`."""
+    kwargs = family_params_model(family)().model_kwargs() | tiny.get(family, {})
+    kwargs |= {"conditional": False} | overrides
     torch.manual_seed(0)
     model = MODELS[family](image_shape=SHAPE, levels=LEVELS, num_classes=CLASSES, **kwargs)
     return model.eval()

@@ -30,8 +30,9 @@ def evaluation_labels(model: GenerativeModule, n: int) -> torch.Tensor | None:
 
 
 @torch.no_grad()
-def generate(model: GenerativeModule, protocol: EvaluateParams) -> Generated:
-    """`protocol.num_samples` samples in batches from one generator seeded by `protocol.seed`."""
+def generate(model: GenerativeModule, protocol: EvaluateParams, **sampler: object) -> Generated:
+    """`protocol.num_samples` samples in batches from one generator seeded by `protocol.seed`;
+    `sampler` settings (e.g. a diffusion model's ``sampler="ddpm"``) go to every `sample` call."""
     model.eval()
     generator = torch.Generator().manual_seed(protocol.seed)
     labels = evaluation_labels(model, protocol.num_samples)
@@ -40,7 +41,7 @@ def generate(model: GenerativeModule, protocol: EvaluateParams) -> Generated:
     for i in range(0, protocol.num_samples, protocol.batch_size):
         n = min(protocol.batch_size, protocol.num_samples - i)
         y = None if labels is None else labels[i : i + n]
-        batches.append(model.sample(n, y, generator=generator).cpu())
+        batches.append(model.sample(n, y, generator=generator, **sampler).cpu())
     seconds = time.perf_counter() - start
     return Generated(torch.cat(batches), labels, seconds)
 

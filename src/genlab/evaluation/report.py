@@ -57,6 +57,7 @@ def _columns() -> list[Column]:
         Column("IS", ("eval/isc_mean",), "{:.2f}", "↑"),
         Column("cond. acc.", ("eval/cond_acc",), "{:.3f}", "↑"),
         Column("samples/s", ("eval/samples_per_s",), "{:.0f}", "↑"),
+        Column("NFE/sample", ("eval/nfe_per_sample",), "{:.0f}", "↓"),
     ]
 
 

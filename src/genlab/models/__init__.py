@@ -1,7 +1,10 @@
 """The family registry: one explicit line per family (no self-filling registries)."""
 
 from genlab.models.base import GenerativeModule
+from genlab.models.diffusion import Diffusion
+from genlab.models.ebm import EBM
 from genlab.models.flow import Flow
+from genlab.models.gan import GAN
 from genlab.models.pixelcnn import PixelCNN
 from genlab.models.vae import VAE
 
@@ -9,6 +12,9 @@ MODELS: dict[str, type[GenerativeModule]] = {
     "pixelcnn": PixelCNN,
     "flow": Flow,
     "vae": VAE,
+    "diffusion": Diffusion,
+    "ebm": EBM,
+    "gan": GAN,
 }
 
 __all__ = ["MODELS", "GenerativeModule"]
