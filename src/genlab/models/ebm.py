@@ -205,7 +205,7 @@ class EBM(GenerativeModule):
         image_shape: tuple[int, int, int],
         levels: int,
         num_classes: int,
-        width: Annotated[int, Ge(1)] = 64,  # channels of the first conv; doubles per stage
+        width: Annotated[int, Ge(1)] = 48,  # channels of the first conv; doubles per stage
         spectral_norm: bool = False,  # spectral normalisation of every layer
         conditional: bool = True,  # JEM: K logits, E(x, y) = -f(x)[y]; else one output
         langevin_steps: Annotated[int, Ge(1)] = 20,  # Langevin steps per training batch
