@@ -62,7 +62,9 @@ FitAndReload = Callable[
 @pytest.fixture
 def fit_and_reload(tmp_path: Path) -> FitAndReload:
     """Fit a model for one epoch on (x, y) with a real Trainer (train and validation loops), save
-    a Lightning checkpoint and load it back with `weights_only=True`: (trainer, reloaded model)."""
+    a Lightning checkpoint and load it back with `weights_only=True`: (trainer, reloaded model),
+    both in eval mode. Checks what every family's checkpoint must bring back: the data geometry,
+    the conditional flag, every tensor of the state, and so the same seeded samples."""
 
     def run(model: GenerativeModule, x: torch.Tensor, y: torch.Tensor):
         trainer = L.Trainer(
@@ -80,6 +82,26 @@ def fit_and_reload(tmp_path: Path) -> FitAndReload:
         assert trainer.global_step == -(-len(x) // 8)
         path = tmp_path / "model.ckpt"
         trainer.save_checkpoint(path)
-        return trainer, type(model).load_from_checkpoint(path, weights_only=True)
+        loaded = type(model).load_from_checkpoint(path, weights_only=True)
+
+        assert (loaded.image_shape, loaded.levels, loaded.num_classes, loaded.conditional) == (
+            model.image_shape,
+            model.levels,
+            model.num_classes,
+            model.conditional,
+        )
+        model.eval()
+        loaded.eval()
+        state = loaded.state_dict()
+        assert state.keys() == model.state_dict().keys()
+        for key, value in model.state_dict().items():
+            assert torch.equal(value, state[key]), key
+        labels = y[:4] if model.conditional else None
+        g = torch.Generator
+        assert torch.equal(
+            model.sample(4, labels, generator=g().manual_seed(0)),
+            loaded.sample(4, labels, generator=g().manual_seed(0)),
+        )
+        return trainer, loaded
 
     return run

