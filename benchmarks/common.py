@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import subprocess
@@ -13,8 +14,12 @@ from genlab.tracking import RunRecord
 from genlab.training import RUN_FILE
 
 
-def repro() -> None:
-    subprocess.run(["dvc", "repro"], check=True)
+def read_last_repro(doc: str, argv: list[str] | None) -> None:
+    """Command line of a benchmark that reads the last `dvc repro`: `--repro` runs it first."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--repro", action="store_true", help="run `dvc repro` first")
+    if parser.parse_args(argv).repro:
+        subprocess.run(["dvc", "repro"], check=True)
 
 
 def family_metrics(family: str) -> dict[str, float]:

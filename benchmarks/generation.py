@@ -14,12 +14,11 @@ class-conditional family. Exit code 0 whatever the numbers: a measurement, not a
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
 
-from common import family_metrics, repro, train_seconds
+from common import family_metrics, read_last_repro, train_seconds
 from genlab import paths
 from genlab.config import load_params
 
@@ -29,11 +28,7 @@ COND_ACC = 0.90
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repro", action="store_true", help="run `dvc repro` first")
-    args = parser.parse_args(argv)
-    if args.repro:
-        repro()
+    read_last_repro(__doc__, argv)
 
     params = load_params()
     floor = json.loads(paths.REAL_DATA_METRICS.read_text())

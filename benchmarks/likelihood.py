@@ -12,11 +12,10 @@ summary line. Exit code 0 whatever the numbers: this is a measurement, not a tes
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 
-from common import family_metrics, repro, train_seconds
+from common import family_metrics, read_last_repro, train_seconds
 from genlab import paths
 from genlab.config import load_params
 from genlab.data.prepared import read_meta
@@ -31,11 +30,7 @@ REFERENCES = {"pixelcnn": 88.7, "flow": 124.0, "vae": 100.5}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repro", action="store_true", help="run `dvc repro` first")
-    args = parser.parse_args(argv)
-    if args.repro:
-        repro()
+    read_last_repro(__doc__, argv)
 
     params = load_params()
     meta = read_meta(paths.PREPARED)

@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
 from genlab import paths
 from genlab.config import load_params
 from genlab.data.prepared import load_split
@@ -52,7 +50,6 @@ def main(argv: list[str] | None = None) -> int:
     print("-" * len(header))
     results = {}
     for sampler, steps in settings:
-        torch.manual_seed(protocol.seed)
         generated = generate(model, protocol, sampler=sampler, steps=steps)
         metrics = sample_metrics(generated.samples, test.x, paths.EVALUATOR, protocol=protocol)
         cond = (

@@ -269,8 +269,6 @@ class EBM(GenerativeModule):
             raise ValueError("class_probs needs a conditional EBM (conditional=True)")
         return self.net(self._scale(x.to(self.device))).softmax(dim=1)
 
-    predict_proba = class_probs
-
     # -- sampling -------------------------------------------------------------------------------
     def _langevin(
         self,
