@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from genlab import paths
 from genlab.config import load_params
+from genlab.models import MODELS
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin: dvc and genlab live here
@@ -66,6 +67,8 @@ TINY = {
         "kid_subsets": 5,
         "isc_splits": 2,
     },
+    "prediction": {"bound_samples": 2},
+    "representation": {"interpolation_pairs": 3, "interpolation_steps": 4, "traversal_dims": 2},
 }
 
 
@@ -130,7 +133,7 @@ def dvc_outputs(dvc_yaml: dict, families: list[str]) -> list[Path]:
         items = families if "foreach" in stage else [None]
         body = stage.get("do", stage)
         for item in items:
-            for entry in body.get("outs", []) + body.get("metrics", []):
+            for entry in body.get("outs", []) + body.get("metrics", []) + body.get("plots", []):
                 name = entry if isinstance(entry, str) else next(iter(entry))
                 found.append(Path(name.replace("${item}", item or "")))
     return found
@@ -164,9 +167,9 @@ def test_dvc_yaml_outputs_match_library_paths() -> None:
         paths.family_model_dir("vae"),
         paths.family_checkpoints("vae"),
         paths.family_metrics("vae"),
-        paths.family_samples("vae"),
+        paths.family_figures("vae"),
         paths.REPORT_SUMMARY,
-        paths.REPORT_FIGURE,
+        paths.REPORT_FIGURES,
         paths.REAL_DATA_METRICS,
     }
     assert declared == expected
@@ -241,8 +244,10 @@ def test_repro_then_experiment_lands_in_one_store(repo_copy: Path) -> None:
     report_runs = client.search_runs([experiment.experiment_id], "tags.family = 'real_data'")
     assert len(report_runs) == 1
 
-    # Every family of the default params went through the same stages into its own run.
-    for family in load_params(root / "params.yaml").families:
+    # Every family of the default params went through the same stages into its own run, and
+    # answered exactly the questions its contract and its params let it answer.
+    params = load_params(root / "params.yaml")
+    for family in params.families:
         metrics = json.loads((root / f"metrics/{family}.json").read_text())
         (family_run,) = client.search_runs([experiment.experiment_id], f"tags.family = '{family}'")
         for key in ("eval/fid", "eval/kid_mean", "eval/samples_per_s", "eval/nfe_per_sample"):
@@ -250,6 +255,19 @@ def test_repro_then_experiment_lands_in_one_store(repo_copy: Path) -> None:
         images = client.list_artifacts(family_run.info.run_id, "images")
         assert any(a.path.endswith(".png") for a in images), f"no sample grids for {family}"
         assert f"| {family} |" in summary
+        cls = MODELS[family]
+        conditional = params.family(family).model_kwargs()["conditional"]
+        scores = cls.likelihood != "none" or cls.has_energy
+        assert ("ood/auroc_noise" in metrics) == scores, family
+        assert ("test/class_acc" in metrics) == (scores and conditional), family
+        assert ("test/probe_acc" in metrics) == cls.has_latent, family
+        assert ("eval/class_fid_mean" in metrics) == conditional, family
+        grids = {p.name for p in (root / paths.family_figures(family)).iterdir()}
+        assert {"samples.png"} <= grids
+        assert ("classes.png" in grids) == conditional, family
+        assert ("interpolation.png" in grids) == cls.has_latent, family
+        logged = {a.path for a in client.list_artifacts(family_run.info.run_id, "evaluation")}
+        assert {f"evaluation/{name}" for name in grids} <= logged, family
 
     # A second repro with nothing changed runs nothing.
     out = run(["dvc", "repro"], root)

@@ -9,6 +9,7 @@ from genlab.errors import GenlabError
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from genlab import scoring
     from genlab.models import MODELS
 
     parser = argparse.ArgumentParser(prog="genlab", description=__doc__)
@@ -22,6 +23,17 @@ def build_parser() -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("family", choices=sorted(MODELS))
     sub.add_parser("report", help="compare all families in reports/")
+    score = sub.add_parser(
+        "score",
+        help="per-image nats, bits/dim and an in-distribution verdict (CSV)",
+        description=scoring.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    score.add_argument(
+        "family", choices=sorted(MODELS), help="a trained family (models/<family>/model.ckpt)"
+    )
+    score.add_argument("input", help="a folder of images, one image file or a .npy array of levels")
+    score.add_argument("--out", metavar="FILE.csv", help="write the CSV here (default: stdout)")
     return parser
 
 
@@ -49,6 +61,10 @@ def run(args: argparse.Namespace) -> None:
         from genlab.stages import report
 
         report.main(params)
+    elif args.command == "score":
+        from genlab.scoring import run_score
+
+        run_score(params, args.family, args.input, out=args.out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,7 @@ from functools import cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
@@ -52,6 +53,13 @@ class TrainerParams(Strict):
     sample_every_n_epochs: PositiveInt = 25
     sample_grid_size: Annotated[int, Field(ge=1, le=256)] = 64
 
+    @property
+    def eval_device(self) -> torch.device:
+        """Where evaluation and scoring run: the GPU when asked for and present, else the CPU."""
+        if self.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+
 
 class EvaluatorParams(Strict):
     """The small classifier whose features define FID/KID/precision-recall for this dataset."""
@@ -74,6 +82,41 @@ class EvaluateParams(Strict):
     kid_subsets: PositiveInt = 100
     prc_neighborhood: PositiveInt = 3
     isc_splits: PositiveInt = 10
+
+
+OodSet = Literal["noise", "inverted", "hflip", "vflip", "rot90", "natural"]
+
+
+class PredictionParams(Strict):
+    """Out-of-distribution detection, generative classification and `genlab score`."""
+
+    # Monte Carlo samples per image when a family's likelihood is a bound (IWAE k for the VAE,
+    # dequantization draws for a flow, bound terms for diffusion); exact families ignore it.
+    bound_samples: PositiveInt = 10
+    # Fraction of the validation split that the in-distribution threshold may reject.
+    fpr: Annotated[float, Field(gt=0, lt=1)] = 0.05
+    # The statistic behind the verdict: log p(x) itself, or its distance from the validation
+    # mean (a per-image typicality test, Nalisnick et al. 2019).
+    statistic: Literal["likelihood", "typicality"] = "likelihood"
+    # Out-of-distribution sets, each as large as the test split (see evaluation/ood.py).
+    ood_sets: Annotated[list[OodSet], Field(min_length=1)] = [
+        "noise",
+        "inverted",
+        "hflip",
+        "vflip",
+        "rot90",
+        "natural",
+    ]
+
+
+class RepresentationParams(Strict):
+    """Linear probe and latent-space grids of the families that encode."""
+
+    probe_c: Annotated[float, Field(gt=0)] = 1.0  # inverse L2 strength of the logistic probe
+    interpolation_pairs: Annotated[int, Field(ge=1, le=32)] = 8  # rows of the grid
+    interpolation_steps: Annotated[int, Field(ge=3, le=32)] = 10  # columns, endpoints included
+    traversal_dims: Annotated[int, Field(ge=1, le=32)] = 8  # rows: latent dims by variance
+    traversal_steps: Annotated[int, Field(ge=3, le=32)] = 9  # columns, from -2.5 to +2.5 std
 
 
 class TrackingParams(Strict):
@@ -139,6 +182,8 @@ class Params(Strict):
     evaluator: EvaluatorParams = Field(default_factory=EvaluatorParams)
     models: ModelsParams = Field(default_factory=ModelsParams)  # type: ignore[valid-type]
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    prediction: PredictionParams = Field(default_factory=PredictionParams)
+    representation: RepresentationParams = Field(default_factory=RepresentationParams)
     tracking: TrackingParams = Field(default_factory=TrackingParams)
 
     @field_validator("families")

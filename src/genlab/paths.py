@@ -11,8 +11,10 @@ EVALUATOR_METRICS = Path("metrics/evaluator.json")
 METRICS_DIR = Path("metrics")
 REPORTS = Path("reports")
 REPORT_SUMMARY = REPORTS / "summary.md"
-REPORT_FIGURE = REPORTS / "comparison.png"
 REAL_DATA_METRICS = REPORTS / "real_data.json"
+# One figure per question (generation, likelihood, prediction, representation, conditional)
+# and the families' grids side by side: what `dvc plots show` renders.
+REPORT_FIGURES = REPORTS / "figures"
 
 
 def family_model_dir(family: str) -> Path:
@@ -29,5 +31,25 @@ def family_metrics(family: str) -> Path:
     return METRICS_DIR / f"{family}.json"
 
 
+def family_figures(family: str) -> Path:
+    """The evaluate stage's grids of one family (which exist depends on what it can do)."""
+    return REPORTS / "families" / family
+
+
 def family_samples(family: str) -> Path:
-    return REPORTS / "samples" / f"{family}.png"
+    return family_figures(family) / "samples.png"
+
+
+def family_class_grid(family: str) -> Path:
+    """One row per class (conditional families)."""
+    return family_figures(family) / "classes.png"
+
+
+def family_interpolation(family: str) -> Path:
+    """Latent interpolations between test images (families that encode)."""
+    return family_figures(family) / "interpolation.png"
+
+
+def family_traversal(family: str) -> Path:
+    """Latent traversals (families whose latent compresses the image)."""
+    return family_figures(family) / "traversal.png"

@@ -196,3 +196,37 @@ def test_iwae_in_chunks_equals_one_pass(tiny_vae_kwargs: dict, monkeypatch: pyte
         with torch.no_grad():
             results.append(model.log_prob(x, samples=7))
     torch.testing.assert_close(results[0], results[1], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("conditional", [False, True], ids=["unconditional", "conditional"])
+def test_decode_is_the_mode_of_the_decoder(tiny_vae_kwargs: dict, conditional: bool) -> None:
+    model = make_vae(tiny_vae_kwargs, conditional=conditional).eval()
+    z = torch.randn(6, tiny_vae_kwargs["latent_dim"], generator=torch.Generator().manual_seed(0))
+    y = torch.arange(6) if conditional else None
+    x = model.decode(z, y)
+    assert x.dtype == torch.uint8 and x.shape == (6, *SHAPE)
+    assert int(x.max()) <= LEVELS - 1
+    assert torch.equal(x, model.decode(z, y))  # deterministic, unlike sample
+    logits = model.decoder(z, model._onehot(y))  # (B, L, C, H, W)
+    assert torch.equal(x, logits.argmax(dim=1).to(torch.uint8))
+    # decode takes exactly what encode returns.
+    labels = y[:3] if conditional else None
+    assert model.decode(model.encode(images(3)[0], labels), labels).shape == (3, *SHAPE)
+    if conditional:
+        assert not torch.equal(x, model.decode(z, (y + 1) % CLASSES))
+        with pytest.raises(ValueError, match="class-conditional"):
+            model.decode(z)
+
+
+def test_decode_of_encode_reconstructs_an_overfit_batch(tiny_vae_kwargs: dict) -> None:
+    """Trained on four images, the mode of p(x | E[z | x]) gives the images back."""
+    model = make_vae(tiny_vae_kwargs, hidden_dim=32, dropout=0.0)
+    x, _ = images(4)
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(300):
+        optimiser.zero_grad()
+        (-model.elbo(x).elbo.mean()).backward()
+        optimiser.step()
+    model.eval()
+    recon = model.decode(model.encode(x))
+    assert (recon == x).double().mean() > 0.9

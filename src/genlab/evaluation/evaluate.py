@@ -1,4 +1,4 @@
-"""The evaluate stage's library: sample with fixed seeds, measure, and return named results."""
+"""The evaluate stage's library: every question a family can answer, measured under one protocol."""
 
 from __future__ import annotations
 
@@ -9,12 +9,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from genlab.config import EvaluateParams
+from genlab.config import EvaluateParams, PredictionParams, RepresentationParams
+from genlab.data.datasets import Split
 from genlab.data.prepared import load_split, read_meta
-from genlab.evaluation.fidelity import classifier_accuracy, sample_metrics
+from genlab.evaluation.fidelity import class_fid, evaluator_outputs, sample_metrics
 from genlab.evaluation.grids import image_grid
 from genlab.evaluation.likelihood import likelihood_metrics
+from genlab.evaluation.ood import calibrate, ood_metrics, ood_sets
+from genlab.evaluation.predict import accuracy, log_prior, score_images, scorer
+from genlab.evaluation.representation import represent
 from genlab.models import GenerativeModule
+from genlab.models.base import bits_per_dim
 
 
 @dataclass(frozen=True)
@@ -46,10 +51,54 @@ def generate(model: GenerativeModule, protocol: EvaluateParams, **sampler: objec
     return Generated(torch.cat(batches), labels, seconds)
 
 
+def prediction_metrics(
+    model: GenerativeModule,
+    splits: dict[str, Split],
+    *,
+    params: PredictionParams,
+    protocol: EvaluateParams,
+) -> dict[str, float]:
+    """Out-of-distribution detection and, for a conditional family, classification by Bayes'
+    rule, on the test split; the validation split sets the typical log p(x) and the threshold.
+
+    Metrics: ``ood/auroc_<set>``, ``ood/auroc_typicality_<set>``, ``ood/detected_<set>``,
+    ``ood/test_fpr``, ``ood/threshold``; conditional families add ``test/class_acc`` and, with a
+    likelihood, the marginal ``test/marginal_nll(_bound)_nats`` = -log sum_y p(x | y) p(y) and
+    its bits/dim (from `params.bound_samples` draws for a bound).
+    """
+    kw = {
+        "log_prior": log_prior(splits["train"].y, model.num_classes),
+        "samples": params.bound_samples,
+        "batch_size": protocol.batch_size,
+        "seed": protocol.seed,
+    }
+    val = score_images(model, splits["val"].x, **kw)
+    test = score_images(model, splits["test"].x, **kw)
+    sets = ood_sets(params.ood_sets, splits["test"].x, model.levels, protocol.seed)
+    outside = {name: score_images(model, x, **kw).log_px for name, x in sets.items()}
+    out = ood_metrics(test.log_px, outside, calibrate(val.log_px, params.statistic, params.fpr))
+    if test.joint is not None:
+        out["test/class_acc"] = accuracy(test.joint, splits["test"].y)
+        if model.likelihood != "none":
+            nats = -float(test.log_px.mean())
+            bound = "" if model.likelihood == "exact" else "_bound"
+            out[f"test/marginal_nll{bound}_nats"] = nats
+            out[f"test/marginal_bpd{bound}"] = float(bits_per_dim(nats, model.dims))
+    return out
+
+
+def class_grid(samples: torch.Tensor, labels: torch.Tensor, levels: int, per_class: int = 10):
+    """One row per class: the first `per_class` samples generated for each class, as an
+    (H, W, 3) uint8 grid (fewer columns when a class has fewer samples)."""
+    rows = [samples[labels == k][:per_class] for k in range(int(labels.max()) + 1)]
+    per_class = min(len(r) for r in rows)
+    return image_grid(torch.cat([r[:per_class] for r in rows]), levels, nrow=per_class)
+
+
 @dataclass(frozen=True)
 class Evaluation:
     metrics: dict[str, float]
-    grid: np.ndarray  # (H, W, 3) uint8 sample grid
+    grids: dict[str, np.ndarray]  # (H, W, 3) uint8: samples, classes, interpolation, traversal
 
 
 def evaluate_model(
@@ -58,9 +107,16 @@ def evaluate_model(
     prepared_dir: str | Path,
     evaluator_path: str | Path,
     protocol: EvaluateParams,
+    prediction: PredictionParams,
+    representation: RepresentationParams,
 ) -> Evaluation:
+    """Every question the family can answer: generation (sample metrics, a sample grid),
+    likelihood (held-out nats), prediction (OOD detection, classification by Bayes' rule),
+    representation (linear probe, latent grids) and conditional generation (conditional accuracy,
+    per-class FID, a grid with one row per class)."""
     meta = read_meta(prepared_dir)
-    test = load_split(prepared_dir, "test", meta)
+    splits = {name: load_split(prepared_dir, name, meta) for name in ("train", "val", "test")}
+    test = splits["test"]
     generated = generate(model, protocol)
     samples = generated.samples
     if samples.dtype != torch.uint8 or tuple(samples.shape[1:]) != meta.shape:
@@ -77,18 +133,43 @@ def evaluate_model(
     ).as_dict()
     metrics["eval/samples_per_s"] = protocol.num_samples / generated.seconds
     metrics["eval/nfe_per_sample"] = model.nfe_per_sample
-    if generated.labels is not None:
-        metrics["eval/cond_acc"] = classifier_accuracy(
-            evaluator_path, samples, generated.labels, device=device
-        )
-    if model.likelihood != "none":
-        # Test only: the validation curve is already in the run, measured during training.
-        splits = {"test": test}
-        metrics |= likelihood_metrics(
-            model, splits, batch_size=protocol.batch_size, seed=protocol.seed
-        )
-
     n_grid = min(64, protocol.num_samples)
     nrow = model.num_classes if model.conditional else 8
-    grid = image_grid(samples[:n_grid], meta.levels, nrow=nrow)
-    return Evaluation(metrics={k: float(v) for k, v in sorted(metrics.items())}, grid=grid)
+    grids = {"samples": image_grid(samples[:n_grid], meta.levels, nrow=nrow)}
+
+    if generated.labels is not None:
+        gen_features, gen_logits = evaluator_outputs(
+            evaluator_path, samples, batch_size=protocol.batch_size, device=device
+        )
+        test_features, _ = evaluator_outputs(
+            evaluator_path, test.x, batch_size=protocol.batch_size, device=device
+        )
+        metrics["eval/cond_acc"] = accuracy(gen_logits, generated.labels)
+        per_class = class_fid(
+            gen_features, generated.labels, test_features, test.y, model.num_classes
+        )
+        metrics |= {f"eval/class_fid_{k}": v for k, v in per_class.items()}
+        metrics["eval/class_fid_mean"] = float(np.mean(list(per_class.values())))
+        grids["classes"] = class_grid(samples, generated.labels, meta.levels)
+
+    if model.likelihood != "none":
+        # Test only: the validation curve is already in the run, measured during training.
+        metrics |= likelihood_metrics(
+            model, {"test": test}, batch_size=protocol.batch_size, seed=protocol.seed
+        )
+    if scorer(model) is not None:
+        metrics |= prediction_metrics(model, splits, params=prediction, protocol=protocol)
+    if model.has_latent:
+        rep = represent(
+            model,
+            splits["train"],
+            test,
+            representation,
+            levels=meta.levels,
+            batch_size=protocol.batch_size,
+        )
+        metrics |= rep.metrics
+        grids["interpolation"] = rep.interpolation
+        if rep.traversal is not None:
+            grids["traversal"] = rep.traversal
+    return Evaluation(metrics={k: float(v) for k, v in sorted(metrics.items())}, grids=grids)

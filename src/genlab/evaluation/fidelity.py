@@ -16,6 +16,7 @@ import torch
 import torch_fidelity
 from torch import Tensor
 from torch.utils.data import Dataset
+from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from genlab.config import EvaluateParams
@@ -192,6 +193,25 @@ def sample_metrics(
 
 
 @torch.no_grad()
+def evaluator_outputs(
+    evaluator_path: str | Path,
+    x: Tensor,
+    *,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+) -> tuple[Tensor, Tensor]:
+    """The evaluator's features (N, feature_dim) and logits (N, num_classes) of images x
+    (uint8 (N, C, H, W)), float64 on the CPU."""
+    _check_images("x", x)
+    classifier = load_classifier(evaluator_path, map_location=device)
+    features, logits = [], []
+    for xb in x.split(batch_size):
+        f, lg = classifier(xb.to(device))
+        features.append(f.double().cpu())
+        logits.append(lg.double().cpu())
+    return torch.cat(features), torch.cat(logits)
+
+
 def classifier_accuracy(
     evaluator_path: str | Path,
     x: Tensor,
@@ -209,9 +229,27 @@ def classifier_accuracy(
         raise ValueError(
             f"y: expected int64 labels ({x.shape[0]},), got {y.dtype} {tuple(y.shape)}"
         )
-    classifier = load_classifier(evaluator_path, map_location=device)
-    correct = 0
-    for xb, yb in zip(x.split(batch_size), y.split(batch_size), strict=True):
-        _, logits = classifier(xb.to(device))  # (b, num_classes)
-        correct += int((logits.argmax(dim=1) == yb.to(device)).sum())
-    return correct / x.shape[0]
+    _, logits = evaluator_outputs(evaluator_path, x, batch_size=batch_size, device=device)
+    return float((logits.argmax(dim=1) == y.cpu()).double().mean())
+
+
+def class_fid(
+    generated: Tensor, generated_y: Tensor, reference: Tensor, reference_y: Tensor, classes: int
+) -> dict[int, float]:
+    """FID between the generated and the reference features of each class (torch-fidelity's
+    statistics and Frechet distance), {class: fid}; a class with fewer than two images on either
+    side is left out. Features (N, D) float64; labels int64 (N,).
+
+    Per-class sets are small (here ~100 generated against ~45 test images of a class), and FID is
+    biased upwards at small N: compare per-class FIDs across families, not with the overall FID.
+    """
+    out = {}
+    for k in range(classes):
+        a, b = generated[generated_y == k], reference[reference_y == k]
+        if len(a) < 2 or len(b) < 2:
+            continue
+        stats = [fid_features_to_statistics(f.cpu()) for f in (a, b)]
+        out[k] = float(
+            fid_statistics_to_metric(*stats, verbose=False)[torch_fidelity.KEY_METRIC_FID]
+        )
+    return out

@@ -8,8 +8,10 @@ A family is a `GenerativeModule` subclass in its own file that provides:
   ``samples`` of them, importance-weighted (IWAE-k for the VAE, importance-weighted dequantization
   for a flow): the bound tightens as ``samples`` grows. Exact families ignore it. Validation during
   training uses ``samples=1``; held-out evaluation uses ``eval_samples`` (an hparam, default 1);
-- ``encode(x, y=None) -> latent`` when ``has_latent``;
-- ``energy(x)`` for energy-based families;
+- ``encode(x, y=None) -> latent (B, ...)`` and its inverse ``decode(z, y=None) -> uint8 images``
+  when ``has_latent``;
+- ``energy(x, y=None) -> (B,)`` when ``has_energy`` (lower = more likely; with y=None the energy
+  of x alone, E(x) = -log sum_y exp(-E(x, y)) for a conditional model);
 - ``nfe_per_sample``: network evaluations one ``sample`` call spends per image with the family's
   current sampling settings (a guided diffusion step counts two, a Langevin step one gradient of
   the energy), the cost the evaluate stage reports next to samples per second.
@@ -48,6 +50,7 @@ def bits_per_dim(nats_per_image: torch.Tensor | float, dims: int) -> torch.Tenso
 class GenerativeModule(L.LightningModule):
     likelihood: ClassVar[Likelihood] = "none"
     has_latent: ClassVar[bool] = False
+    has_energy: ClassVar[bool] = False
     # Default `max_epochs` and `batch_size` of the family's params section.
     training_defaults: ClassVar[dict[str, int]] = {"max_epochs": 50, "batch_size": 64}
 

@@ -197,6 +197,7 @@ class Objective(NamedTuple):
 class EBM(GenerativeModule):
     likelihood = "none"
     has_latent = False
+    has_energy = True
     training_defaults: ClassVar[dict[str, int]] = {"max_epochs": 20, "batch_size": 64}
 
     def __init__(

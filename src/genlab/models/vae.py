@@ -185,6 +185,13 @@ class VAE(GenerativeModule):
         mu, _ = self.encoder(self._scale(x.to(self.device)), self._onehot(self.labels_for(y)))
         return mu
 
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Latents (n, Z) -> uint8 images (n, C, H, W): the mode of p(x | z, y), the most probable
+        level of every pixel (deterministic, unlike `sample`, which draws from it)."""
+        logits = self.decoder(z.to(self.device, self.dtype), self._onehot(self.labels_for(y)))
+        return logits.argmax(dim=1).to(torch.uint8)  # (n, L, C, H, W) -> (n, C, H, W)
+
     # -- system ---------------------------------------------------------------------------------
     def training_step(
         self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int

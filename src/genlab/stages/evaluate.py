@@ -1,5 +1,9 @@
 """Stage `evaluate@<family>`: metrics/<family>.json, a sample grid, both into the family's run."""
 
+import shutil
+from pathlib import Path
+
+import numpy as np
 import torch
 
 from genlab import paths
@@ -8,36 +12,53 @@ from genlab.evaluation.evaluate import evaluate_model
 from genlab.evaluation.grids import save_png
 from genlab.io import write_json_atomic
 from genlab.models import MODELS
-from genlab.tracking import RunRecord, log_evaluation
+from genlab.tracking import RunRecord, flatten, log_evaluation
 from genlab.training import MODEL_FILE, RUN_FILE
 
 
-def pick_device(accelerator: str) -> torch.device:
-    if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
+def write_grids(grids: dict[str, np.ndarray], folder: Path) -> list[Path]:
+    """`folder`/<name>.png for every grid, replacing the folder whole: it is written next to the
+    old one and swapped in, so it never mixes grids of two evaluations."""
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name, grid in grids.items():
+        save_png(grid, tmp / f"{name}.png")
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return [folder / f"{name}.png" for name in grids]
 
 
 def main(params: Params, family: str) -> None:
     model_dir = paths.family_model_dir(family)
     record = RunRecord.load(model_dir / RUN_FILE)
-    device = pick_device(params.trainer.accelerator)
+    device = params.trainer.eval_device
     checkpoint = model_dir / MODEL_FILE
     model = MODELS[family].load_from_checkpoint(checkpoint, map_location=device, weights_only=True)
     # Metrics go in at the checkpoint's step, so the final val/... point sits on the training
     # curve where that checkpoint was chosen.
     step = torch.load(checkpoint, map_location="cpu", weights_only=True)["global_step"]
     result = evaluate_model(
-        model, prepared_dir=paths.PREPARED, evaluator_path=paths.EVALUATOR, protocol=params.evaluate
+        model,
+        prepared_dir=paths.PREPARED,
+        evaluator_path=paths.EVALUATOR,
+        protocol=params.evaluate,
+        prediction=params.prediction,
+        representation=params.representation,
     )
+    figures = write_grids(result.grids, paths.family_figures(family))
     write_json_atomic(paths.family_metrics(family), result.metrics)
-    save_png(result.grid, paths.family_samples(family))
+    protocol = {
+        "evaluate": params.evaluate.model_dump(),
+        "prediction": params.prediction.model_dump(),
+        "representation": params.representation.model_dump(),
+    }
     log_evaluation(
         record,
         result.metrics,
         step=step,
-        protocol=params.evaluate.model_dump(),
-        artifacts=[paths.family_samples(family), paths.family_metrics(family)],
+        protocol=flatten(protocol),
+        artifacts=[*figures, paths.family_metrics(family)],
     )
     shown = {k: round(v, 4) for k, v in result.metrics.items()}
     print(f"evaluated {family}: {shown}")

@@ -1,0 +1,116 @@
+"""Prediction with a generative model: how likely an image is, and which class it belongs to.
+
+Every family with a likelihood or an energy scores images the same way:
+
+- the density score s(x) = log p(x) in nats (a lower bound for bound families), or -E(x) for an
+  energy-based model (log p(x) up to the unknown log Z, which ranks images the same way);
+- for a conditional family, the joint scores log p(x, y=k) = log p(x | y=k) + log p(y=k) for
+  every class k (-E(x, k) for an energy model, whose joint already holds the class prior), from
+  which p(y | x) follows by Bayes' rule and log p(x) = log sum_k p(x, y=k) marginalises the label.
+
+So a conditional family's log p(x) is its marginal likelihood, comparable with an unconditional
+family's, and its classifier is argmax_k log p(x | y=k) + log p(y=k).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import torch
+
+from genlab.models.base import GenerativeModule
+
+Scorer = Literal["likelihood", "energy"]
+
+
+def scorer(model: GenerativeModule) -> Scorer | None:
+    """What a family scores images with: its likelihood, its energy, or nothing (None)."""
+    if model.likelihood != "none":
+        return "likelihood"
+    if model.has_energy:
+        return "energy"
+    return None
+
+
+def log_prior(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """log p(y) from the class frequencies of `labels` (int64 (N,)) -> (K,); an absent class
+    gets -inf (a prior of 0)."""
+    counts = torch.bincount(labels, minlength=num_classes).double()
+    return (counts / counts.sum()).log()
+
+
+class Scores(NamedTuple):
+    log_px: torch.Tensor  # (N,) float64: log p(x) nats (or its bound), -E(x) for an energy model
+    joint: torch.Tensor | None  # (N, K) float64: log p(x, y=k) (+ log Z), conditional families
+
+
+def posterior(joint: torch.Tensor) -> torch.Tensor:
+    """log p(y | x) = log p(x, y) - log sum_k p(x, y=k) (Bayes' rule), (N, K) -> (N, K)."""
+    return joint - torch.logsumexp(joint, dim=1, keepdim=True)
+
+
+def accuracy(joint: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction of images whose most probable class a posteriori is the label."""
+    return float((joint.argmax(dim=1).cpu() == labels.cpu()).double().mean())
+
+
+@torch.no_grad()
+def score_images(
+    model: GenerativeModule,
+    x: torch.Tensor,
+    *,
+    log_prior: torch.Tensor,
+    samples: int,
+    batch_size: int,
+    seed: int,
+) -> Scores:
+    """Density scores of images x (uint8 (N, C, H, W)) and, for a conditional family, the
+    joint scores of every class.
+
+    A bound uses `samples` Monte Carlo draws per image (ignored by exact and energy families).
+    The random draws of batch i come from the global generator seeded with `seed + i` for every
+    class alike (common random numbers: the classes of one image are compared on the same noise,
+    which is what makes a Monte Carlo bound usable for classification); the caller's random state
+    is restored afterwards.
+    """
+    kind = scorer(model)
+    if kind is None:
+        raise ValueError(
+            f"{type(model).__name__} has neither a likelihood nor an energy to score images with"
+        )
+    model.eval()
+    n = x.shape[0]
+    prior = log_prior.double().cpu()
+    log_px, joint = [], []
+    devices = [model.device.index or 0] if model.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        for i, start in enumerate(range(0, n, batch_size)):
+            xb = x[start : start + batch_size].to(model.device)
+            if not model.conditional:
+                log_px.append(_score(model, kind, xb, None, samples, seed + i))
+                continue
+            cols = [
+                _score(model, kind, xb, torch.full((xb.shape[0],), k), samples, seed + i)
+                for k in range(model.num_classes)
+            ]
+            jb = torch.stack(cols, dim=1)  # (b, K)
+            if kind == "likelihood":
+                jb = jb + prior
+            joint.append(jb)
+            log_px.append(torch.logsumexp(jb, dim=1))
+    return Scores(log_px=torch.cat(log_px), joint=torch.cat(joint) if model.conditional else None)
+
+
+def _score(
+    model: GenerativeModule,
+    kind: Scorer,
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    samples: int,
+    seed: int,
+) -> torch.Tensor:
+    """log p(x | y) or -E(x, y) of one batch, (B,) float64 on the CPU, draws seeded by `seed`."""
+    torch.manual_seed(seed)
+    if kind == "energy":
+        return -model.energy(x, y).double().cpu()
+    return model.log_prob(x, y, samples=samples).double().cpu()

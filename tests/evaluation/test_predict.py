@@ -1,0 +1,177 @@
+"""Prediction with generative models: Bayes' rule, out-of-distribution detection, on models whose
+densities are known exactly (a joint table, per-pixel categoricals fitted by counting)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from genlab.config import EvaluateParams, PredictionParams
+from genlab.data.prepared import load_split, read_meta
+from genlab.evaluation.evaluate import prediction_metrics
+from genlab.evaluation.predict import accuracy, log_prior, posterior, score_images, scorer
+from genlab.models import MODELS
+from genlab.models.base import GenerativeModule
+
+
+class PixelCategorical(GenerativeModule):
+    """Independent categorical pixels, p(x | y) = prod_i theta_y[i, x_i]: an exact density whose
+    parameters are given, not learned (probabilities (K or 1, D, L); zero is allowed)."""
+
+    likelihood = "exact"
+
+    def __init__(self, probs: torch.Tensor, *, image_shape, conditional: bool) -> None:
+        super().__init__(image_shape=image_shape, levels=probs.shape[-1], num_classes=10)
+        self.save_hyperparameters({"conditional": conditional})
+        self.num_classes = probs.shape[0] if conditional else 10
+        self.register_buffer("log_theta", probs.double().log())
+
+    def log_prob(self, x, y=None, *, samples: int = 1):
+        flat = x.flatten(1).long()  # (B, D)
+        table = self.log_theta[y] if y is not None else self.log_theta[[0] * len(x)]  # (B, D, L)
+        return table.gather(2, flat[..., None])[..., 0].sum(1)  # (B,)
+
+
+def counted(x: torch.Tensor, y: torch.Tensor | None, classes: int, levels: int) -> torch.Tensor:
+    """Maximum-likelihood per-pixel categoricals with add-one smoothing, (K, D, L)."""
+    flat = x.flatten(1).long()  # (N, D)
+    groups = range(classes) if y is not None else [None]
+    probs = []
+    for k in groups:
+        rows = flat if k is None else flat[y == k]
+        counts = torch.nn.functional.one_hot(rows, levels).double().sum(0) + 1  # (D, L)
+        probs.append(counts / counts.sum(1, keepdim=True))
+    return torch.stack(probs)
+
+
+def test_bayes_rule_on_the_four_person_table() -> None:
+    """p(male, >30) = 1/4, p(male, <30) = 1/4, p(female, >30) = 1/2, p(female, <30) = 0:
+    p(>30 | female) = 1 and p(>30 | male) = 1/2. x is gender (0 male, 1 female) as a 1x1 image
+    with two levels; y is age (0: over 30, 1: under 30)."""
+    # p(x | y): over 30, 1/3 male and 2/3 female; under 30, all male.
+    probs = torch.tensor([[[1 / 3, 2 / 3]], [[1.0, 0.0]]])  # (K=2, D=1, L=2)
+    model = PixelCategorical(probs, image_shape=(1, 1, 1), conditional=True)
+    ages = torch.tensor([0, 1, 0, 0])  # (male, >30), (male, <30), (female, >30) twice
+    prior = log_prior(ages, 2)
+    assert prior.exp().tolist() == pytest.approx([3 / 4, 1 / 4])
+
+    male, female = torch.tensor([0], dtype=torch.uint8), torch.tensor([1], dtype=torch.uint8)
+    x = torch.stack([male, female]).view(2, 1, 1, 1)
+    scores = score_images(model, x, log_prior=prior, samples=1, batch_size=8, seed=0)
+    p_over_30 = posterior(scores.joint)[:, 0].exp()
+    assert p_over_30.tolist() == pytest.approx([1 / 2, 1.0])
+    # The marginal is the table's row sum: p(male) = 1/2, p(female) = 1/2.
+    assert scores.log_px.exp().tolist() == pytest.approx([1 / 2, 1 / 2])
+    assert accuracy(scores.joint, torch.tensor([0, 0])) == 1.0
+
+
+def test_perfectly_separated_class_densities_classify_perfectly() -> None:
+    """Class k puts all its mass on images whose first pixel is k: accuracy 1 on any such image,
+    whatever the prior."""
+    classes, levels, dims = 4, 6, 9
+    probs = torch.full((classes, dims, levels), 1.0 / levels)
+    probs[:, 0] = 0.0
+    for k in range(classes):
+        probs[k, 0, k] = 1.0
+    model = PixelCategorical(probs, image_shape=(1, 3, 3), conditional=True)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(levels, (200, 1, 3, 3), generator=g, dtype=torch.uint8)
+    y = torch.randint(classes, (200,), generator=g)
+    x[:, 0, 0, 0] = y.to(torch.uint8)
+    skewed = torch.tensor([0, 0, 0, 1, 1, 2, 3, 3, 3, 3])  # any prior with full support
+    scores = score_images(
+        model, x, log_prior=log_prior(skewed, classes), samples=1, batch_size=32, seed=0
+    )
+    assert accuracy(scores.joint, y) == 1.0
+    assert torch.allclose(posterior(scores.joint).exp().max(1).values, torch.ones(200).double())
+
+
+def test_exact_model_tells_digits_from_noise(prepared_digits: Path) -> None:
+    """Per-pixel categoricals fitted by counting on the digits: test digits against uniform noise
+    have AUROC near 1, and the threshold calibrated on validation rejects about fpr of test."""
+    meta = read_meta(prepared_digits)
+    splits = {s: load_split(prepared_digits, s, meta) for s in ("train", "val", "test")}
+    train = splits["train"]
+    model = PixelCategorical(
+        counted(train.x, None, 1, meta.levels), image_shape=meta.shape, conditional=False
+    )
+    params = PredictionParams(fpr=0.1)
+    metrics = prediction_metrics(model, splits, params=params, protocol=EvaluateParams())
+    assert metrics["ood/auroc_noise"] > 0.99
+    assert metrics["ood/auroc_typicality_noise"] > 0.99
+    assert metrics["ood/detected_noise"] == 1.0
+    # Validation and test are written by different people: the rate moves, but stays near fpr.
+    assert 0.01 < metrics["ood/test_fpr"] < 0.3
+    for name in params.ood_sets:
+        assert 0.0 <= metrics[f"ood/auroc_{name}"] <= 1.0
+    assert "test/class_acc" not in metrics  # unconditional: no classifier
+
+
+def test_conditional_exact_model_classifies_and_reports_the_marginal(prepared_digits: Path) -> None:
+    meta = read_meta(prepared_digits)
+    splits = {s: load_split(prepared_digits, s, meta) for s in ("train", "val", "test")}
+    train, test = splits["train"], splits["test"]
+    probs = counted(train.x, train.y, meta.num_classes, meta.levels)
+    model = PixelCategorical(probs, image_shape=meta.shape, conditional=True)
+    metrics = prediction_metrics(
+        model, splits, params=PredictionParams(ood_sets=["noise"]), protocol=EvaluateParams()
+    )
+    # Naive Bayes on pixels: a weak but real classifier of the digits.
+    assert metrics["test/class_acc"] > 0.8
+    prior = log_prior(train.y, meta.num_classes)
+    joint = (
+        torch.stack([model.log_prob(test.x, torch.full((len(test),), k)) for k in range(10)], 1)
+        + prior
+    )
+    marginal = -torch.logsumexp(joint, 1).mean()
+    assert metrics["test/marginal_nll_nats"] == pytest.approx(float(marginal))
+    assert metrics["test/marginal_bpd"] == pytest.approx(float(marginal) / (64 * math.log(2)))
+
+
+def test_energy_model_scores_with_its_energy(tiny: dict[str, dict]) -> None:
+    """A conditional EBM: joint scores -E(x, k), log p(x) + log Z = -E(x), classes by f(x)."""
+    kwargs = tiny["ebm"] | {"conditional": True}
+    torch.manual_seed(0)
+    model = MODELS["ebm"](image_shape=(1, 8, 8), levels=17, num_classes=10, **kwargs).eval()
+    assert scorer(model) == "energy"
+    x = torch.randint(17, (12, 1, 8, 8), dtype=torch.uint8)
+    scores = score_images(model, x, log_prior=torch.zeros(10), samples=1, batch_size=5, seed=0)
+    with torch.no_grad():
+        assert torch.allclose(scores.log_px, -model.energy(x).double(), atol=1e-5)
+        assert torch.equal(scores.joint.argmax(1), model.class_probs(x).argmax(1))
+
+
+def test_a_family_without_likelihood_or_energy_cannot_score(tiny: dict[str, dict]) -> None:
+    model = MODELS["gan"](image_shape=(1, 8, 8), levels=17, num_classes=10, **tiny["gan"])
+    assert scorer(model) is None
+    with pytest.raises(ValueError, match="neither a likelihood nor an energy"):
+        score_images(
+            model,
+            torch.zeros(2, 1, 8, 8, dtype=torch.uint8),
+            log_prior=torch.zeros(10),
+            samples=1,
+            batch_size=2,
+            seed=0,
+        )
+
+
+def test_bound_scores_reuse_the_same_draws_for_every_class(tiny: dict[str, dict]) -> None:
+    """Common random numbers: scoring twice gives identical numbers, and the random state of the
+    caller is left as it was."""
+    kwargs = tiny["vae"] | {"conditional": True}
+    torch.manual_seed(0)
+    model = MODELS["vae"](image_shape=(1, 8, 8), levels=17, num_classes=10, **kwargs).eval()
+    x = torch.randint(17, (6, 1, 8, 8), dtype=torch.uint8)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a = score_images(model, x, log_prior=torch.zeros(10), samples=4, batch_size=4, seed=7)
+    assert torch.equal(torch.get_rng_state(), before)
+    b = score_images(model, x, log_prior=torch.zeros(10), samples=4, batch_size=4, seed=7)
+    assert torch.equal(a.joint, b.joint)
+    with torch.random.fork_rng():
+        torch.manual_seed(7)
+        first = model.log_prob(x[:4], torch.full((4,), 3), samples=4).double()
+    assert torch.allclose(a.joint[:4, 3], first)
