@@ -269,6 +269,14 @@ def test_repro_then_experiment_lands_in_one_store(repo_copy: Path) -> None:
         logged = {a.path for a in client.list_artifacts(family_run.info.run_id, "evaluation")}
         assert {f"evaluation/{name}" for name in grids} <= logged, family
 
+    # `dvc plots show` renders a figure per question and the families' grids side by side.
+    plots = json.loads(run(["dvc", "plots", "show", "--json"], root))["data"]
+    for name in ("generation", "likelihood", "prediction", "representation", "conditional"):
+        assert f"reports/figures/{name}.png" in plots, name
+    assert "reports/figures/grids.png" in plots
+    shutil.rmtree(root / "dvc_plots", ignore_errors=True)
+    assert real["test/probe_acc"] > 0.5  # the raw-pixel probe of the report
+
     # A second repro with nothing changed runs nothing.
     out = run(["dvc", "repro"], root)
     assert "Running stage" not in out

@@ -260,7 +260,7 @@ def test_unconditional_model_ignores_labels() -> None:
 def test_conditional_model_requires_labels_and_depends_on_them() -> None:
     model = make_model(conditional=True, guidance_scale=3.0)
     x, y = images(8)
-    for call in (lambda: model.sample(4), lambda: model.log_prob(x), lambda: model.encode(x)):
+    for call in (lambda: model.sample(4), lambda: model.log_prob(x)):
         with pytest.raises(ValueError, match="class-conditional"):
             call()
     g = torch.Generator
@@ -282,6 +282,32 @@ def test_ddim_inversion_decodes_back_to_the_image(conditional: bool) -> None:
     assert z.shape == (16, *SHAPE) and torch.isfinite(z).all()
     assert (z - model._scale(x)).abs().mean() > 0.1  # a latent, not the image itself
     assert torch.equal(model.decode(z, y), x)
+
+
+def test_encode_without_labels_uses_the_unconditional_prediction() -> None:
+    """Trained with label dropout, a conditional model encodes an unlabelled image through the
+    null label (so a linear probe sees class information); without dropout it needs labels."""
+    model = make_model(conditional=True, sample_steps=10)
+    assert not model.encodes_with_labels
+    x, y = images(6)
+    null = torch.full((6,), CLASSES)
+    z = model.encode(x)
+    assert torch.equal(z, model.encode(x, null))
+    assert not torch.equal(z, model.encode(x, y))
+    assert torch.equal(model.decode(z), model.decode(z, null))
+    strict = make_model(conditional=True, p_uncond=0.0)
+    assert strict.encodes_with_labels
+    with pytest.raises(ValueError, match="class-conditional"):
+        strict.encode(x)
+
+
+def test_latent_time_sets_how_far_encode_inverts() -> None:
+    model = make_model(sample_steps=10, latent_time=0.5)
+    taus = model.latent_timesteps()
+    assert taus == sorted(taus) and max(taus) <= model.hparams.timesteps // 2
+    assert make_model(sample_steps=10, latent_time=1.0).latent_timesteps()[-1] == (
+        model.hparams.timesteps
+    )
 
 
 # -- training -----------------------------------------------------------------------------------

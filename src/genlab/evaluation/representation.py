@@ -11,9 +11,11 @@ For every family with ``has_latent`` (``encode`` and its inverse ``decode``):
 - a traversal grid, only where the latent compresses the image (the VAE): one latent coordinate
   of a test image swept over +-2.5 standard deviations, the others held fixed.
 
-A conditional family encodes and decodes with the image's true label: its latent is the part of
-the image the label does not explain (style, for digits), so its probe measures how much class
-information is left in it.
+A family whose `encode` needs the label (`encodes_with_labels`: a conditional VAE or flow) encodes
+and decodes with the image's true label: its latent is the part of the image the label does not
+explain (style, for digits), so its probe measures how much class information is left in it. A
+conditional diffusion model trained with label dropout encodes without labels, through its
+unconditional prediction.
 """
 
 from __future__ import annotations
@@ -64,8 +66,8 @@ def _encode(
     model.eval()
     out = []
     for start in range(0, x.shape[0], batch_size):
-        # Labels only for a conditional model, which needs them; an unconditional one ignores y.
-        yb = y[start : start + batch_size] if model.conditional and y is not None else None
+        # Labels only for a model whose encode needs them (encodes_with_labels).
+        yb = y[start : start + batch_size] if model.encodes_with_labels and y is not None else None
         out.append(model.encode(x[start : start + batch_size], yb).cpu())
     return torch.cat(out)
 
@@ -78,7 +80,7 @@ def _decode(
     model.eval()
     out = []
     for start in range(0, z.shape[0], batch_size):
-        yb = y[start : start + batch_size] if model.conditional else None
+        yb = y[start : start + batch_size] if model.encodes_with_labels else None
         out.append(model.decode(z[start : start + batch_size].to(model.device), yb).cpu())
     return torch.cat(out)
 
@@ -92,7 +94,7 @@ def latents(
 ) -> torch.Tensor:
     """Frozen latents of images x (uint8 (N, C, H, W)) as features, float32 (N, D) on the CPU.
 
-    A conditional model encodes with the labels y (it needs them); an unconditional one ignores
+    A model that encodes with labels (encodes_with_labels) gets y; any other one ignores
     them. Raises ValueError for a family without a latent space."""
     return _encode(model, x, y, batch_size=batch_size).flatten(1).float()  # (N, D)
 
@@ -153,9 +155,10 @@ def interpolation_pairs(
     """Deterministic (index a, index b, class of a) of up to `pairs` rows, from labels y (N,).
 
     Row i takes class k = i % K and rank r = i // K (the r-th pass over the classes):
-    same_class (a conditional model, decoded with one label per row): the (2r)-th and (2r+1)-th
-    images of class k; otherwise the r-th image of class k to the r-th of class k + 1 (with one
-    class, its (2r)-th to (2r+1)-th). A row whose class has too few images is skipped."""
+    same_class (a model that encodes with labels, decoded with one label per row): the (2r)-th
+    and (2r+1)-th images of class k; otherwise the r-th image of class k to the r-th of class
+    k + 1 (with one class, its (2r)-th to (2r+1)-th). A row whose class has too few images is
+    skipped."""
     members = [torch.nonzero(y.cpu() == k).flatten().tolist() for k in range(num_classes)]
     rows = []
     for i in range(pairs):
@@ -172,7 +175,7 @@ def interpolation_pairs(
 
 def _pair_rows(model: GenerativeModule, y: torch.Tensor, pairs: int) -> list[tuple[int, int, int]]:
     rows = interpolation_pairs(
-        y, num_classes=model.num_classes, pairs=pairs, same_class=model.conditional
+        y, num_classes=model.num_classes, pairs=pairs, same_class=model.encodes_with_labels
     )
     if not rows:
         raise ValueError(
@@ -193,7 +196,7 @@ def _interpolation(
     batch_size: int,
 ) -> np.ndarray:
     """Grid of the slerps from latents za to zb (R, ...) in the family's shape, decoded with
-    labels (R,) (ignored by an unconditional model)."""
+    labels (R,) (ignored by a model that encodes without labels)."""
     r = za.shape[0]
     path = slerp(za.flatten(1), zb.flatten(1), torch.linspace(0, 1, steps))  # (S, R, D)
     path = path.transpose(0, 1).reshape(r * steps, *za.shape[1:])  # (R*S, ...), row-major
@@ -215,7 +218,8 @@ def interpolation_grid(
 
     Up to `pairs` rows (see `interpolation_pairs`), each `steps` columns from image a to image b
     along the slerp between their latents; the end columns are decode(encode(a)) and
-    decode(encode(b)). A conditional model interpolates within one class and decodes with it.
+    decode(encode(b)). A model that encodes with labels interpolates within one class and
+    decodes with it.
     x: uint8 (N, C, H, W) test images, y: (N,) their labels."""
     _check_latent(model)
     ia, ib, labels = (torch.tensor(col) for col in zip(*_pair_rows(model, y, pairs), strict=True))
@@ -264,8 +268,8 @@ def traversal_grid(
     Rows: the `dims` latent coordinates of largest variance over the test latents (the active
     units; Burda et al. 2016). Columns: the first test image's latent with that
     coordinate set to mean + s * std, s from -2.5 to +2.5 in `steps` steps, decoded (with that
-    image's label for a conditional model). A latent as large as the image (a flow's, DDIM's)
-    has no such units, a single coordinate there is pixel-like, so it gets None."""
+    image's label for a model that encodes with labels). A latent as large as the image (a
+    flow's, DDIM's) has no such units, a single coordinate there is pixel-like, so it gets None."""
     _check_latent(model)
     first = _encode(model, x[:1], y[:1], batch_size=1)
     if first[0].numel() >= model.dims:

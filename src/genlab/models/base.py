@@ -82,6 +82,13 @@ class GenerativeModule(L.LightningModule):
     def conditional(self) -> bool:
         return bool(self.hparams.get("conditional", False))
 
+    @property
+    def encodes_with_labels(self) -> bool:
+        """Whether `encode`/`decode` need the labels. A conditional model's latent is then the
+        part of the image its label does not explain; a family that also learned p(x) (label
+        dropout) encodes without them."""
+        return self.conditional
+
     def labels_for(self, y: torch.Tensor | None) -> torch.Tensor | None:
         """The labels the model conditions on: `y` for a conditional model, else None."""
         if not self.conditional:

@@ -264,6 +264,7 @@ class Diffusion(GenerativeModule):
         p_uncond: Annotated[float, Ge(0), Le(1)] = 0.1,  # label dropout for guidance (conditional)
         sampler: Sampler = "ddim",  # default sampler: ddim (sample_steps steps) | ddpm (T steps)
         sample_steps: Annotated[int, Ge(1)] = 50,  # DDIM steps S, also for encode / decode
+        latent_time: Annotated[float, Gt(0), Le(1)] = 0.8,  # encode inverts up to t = this * T
         eta: Annotated[float, Ge(0)] = 1.0,  # DDIM stochasticity (0: deterministic, 1: DDPM-like)
         guidance_scale: Annotated[float, Ge(0)] = 1.0,  # w: 0 unconditional, 1 conditional
         ema_decay: Annotated[float, Ge(0), Lt(1)] = 0.999,  # EMA of the weights (after warmup)
@@ -506,16 +507,41 @@ class Diffusion(GenerativeModule):
         )
         return self._quantize(x0)
 
+    @property
+    def encodes_with_labels(self) -> bool:
+        # Trained with label dropout, the model is also an unconditional one (the null label).
+        return self.conditional and self.hparams.p_uncond == 0
+
+    def _latent_labels(self, y: torch.Tensor | None, n: int) -> torch.Tensor | None:
+        """The labels encode/decode condition on: y, or the null label when y is None and the
+        model learned the unconditional prediction too."""
+        if y is None and self.conditional and not self.encodes_with_labels:
+            return self._null_labels(n)
+        return self.labels_for(y)
+
+    def latent_timesteps(self) -> list[int]:
+        """The DDIM times of `encode`, ascending: those of `sample_steps` up to latent_time * T.
+
+        Inverting all the way to T fails with the cosine schedule: its abar_T (~2e-9 at T = 1000)
+        makes decode's first step divide the prediction error by sqrt(abar_T) ~ 5e-5; measured on
+        the digits, decode(encode(x)) then keeps 35% of the pixels, against 99.4% up to 0.8 T
+        (abar = 0.09)."""
+        t_max = max(1, round(self.hparams.latent_time * self.hparams.timesteps))
+        taus = [t for t in self.ddim_timesteps(self.hparams.sample_steps) if t <= t_max]
+        return taus[::-1] or [1]
+
     @torch.no_grad()
     def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """DDIM inversion (Song et al. sec. 4.3, eta = 0 run backwards): x_0 -> x_T latents
-        (B, C, H, W) over `sample_steps` steps with the EMA weights and the plain conditional
-        prediction (w = 1). Each step x_s -> x_t, s < t, uses eps_theta(x_s, t) in place of the
-        unknown eps_theta(x_t, t); `decode` runs the same steps forwards."""
-        y = self.labels_for(y)
+        """DDIM inversion (Song et al. sec. 4.3, eta = 0 run backwards): x_0 -> x_t latents
+        (B, C, H, W) at t = `latent_time` * T over the DDIM times of `sample_steps`, with the EMA
+        weights and the plain prediction for y (w = 1), or the unconditional one when y is None
+        and the model was trained with label dropout. Each step x_s -> x_t, s < t, uses
+        eps_theta(x_s, t) in place of the unknown eps_theta(x_t, t); `decode` runs the same
+        steps forwards."""
+        y = self._latent_labels(y, x.shape[0])
         net = self.ema.module
         x = self._scale(x.to(self.device))
-        taus = self.ddim_timesteps(self.hparams.sample_steps)[::-1]  # ascending
+        taus = self.latent_timesteps()
         for s, t in zip([0, *taus[:-1]], taus, strict=True):
             tt = torch.full((x.shape[0],), t, dtype=torch.long, device=self.device)
             eps = self.guided_eps(net, x, tt, y, 1.0)
@@ -526,10 +552,15 @@ class Diffusion(GenerativeModule):
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """Deterministic DDIM (eta = 0, w = 1, no clipping) from latents z = x_T back to uint8
-        images: the reverse of `encode`."""
-        x0 = self.sample_from(z, y, sampler="ddim", eta=0.0, guidance_scale=1.0, clip=False)
-        return self._quantize(x0)
+        """Deterministic DDIM (eta = 0, w = 1, no clipping) from latents z = x_t back to uint8
+        images: the reverse of `encode`, with the same labels."""
+        y = self._latent_labels(y, z.shape[0])
+        net = self.ema.module
+        x = z.to(self.device)
+        taus = self.latent_timesteps()[::-1]  # descending
+        for t, s in zip(taus, [*taus[1:], 0], strict=True):
+            x = self._ddim_step(net, x, t, s, y, 1.0, 0.0, None, False)
+        return self._quantize(x)
 
     # -- bound ----------------------------------------------------------------------------------
     def prior_term(self, x0: torch.Tensor) -> torch.Tensor:
