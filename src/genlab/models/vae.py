@@ -97,7 +97,7 @@ class VAE(GenerativeModule):
         image_shape: tuple[int, int, int],
         levels: int,
         num_classes: int,
-        latent_dim: Annotated[int, Ge(1)] = 16,  # size of z
+        latent_dim: Annotated[int, Ge(1)] = 48,  # size of z
         hidden_dim: Annotated[int, Ge(1)] = 256,  # width of encoder and decoder MLPs
         num_layers: Annotated[int, Ge(1)] = 2,  # hidden layers in each MLP
         dropout: Annotated[float, Ge(0), Lt(1)] = 0.3,  # dropout after each hidden layer
