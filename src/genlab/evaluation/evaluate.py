@@ -87,7 +87,9 @@ def prediction_metrics(
     return out
 
 
-def class_grid(samples: torch.Tensor, labels: torch.Tensor, levels: int, per_class: int = 10):
+def class_grid(
+    samples: torch.Tensor, labels: torch.Tensor, levels: int, per_class: int = 10
+) -> np.ndarray:
     """One row per class: the first `per_class` samples generated for each class, as an
     (H, W, 3) uint8 grid (fewer columns when a class has fewer samples)."""
     rows = [samples[labels == k][:per_class] for k in range(int(labels.max()) + 1)]

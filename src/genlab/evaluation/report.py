@@ -324,7 +324,7 @@ def _likelihood(families: list[FamilyReport], dims: int) -> list[str]:
     for f in families:
         reason = f.reasons["likelihood"]
         if reason is not None:
-            rows.append([f.name, f.likelihood, _yes(f.conditional)] + [_na(reason)] * 4)
+            rows.append([f.name, f.likelihood, _yes(f.conditional), *_na_row(reason, 4)])
             continue
         bound = f.likelihood == "lower_bound"
         marginal = likelihood_nats(f)
@@ -342,6 +342,11 @@ def _likelihood(families: list[FamilyReport], dims: int) -> list[str]:
     return _table(header, rows)
 
 
+def _na_row(reason: str, cells: int) -> list[str]:
+    """A detailed table's row for a family that cannot answer: the reason once, then blanks."""
+    return [_na(reason)] + [""] * (cells - 1)
+
+
 def _yes(flag: bool) -> str:
     return "yes" if flag else "no"
 
@@ -355,7 +360,7 @@ def _ood(
         m, reason = f.metrics, f.reasons["ood"]
         if reason is not None or not any(k.startswith("ood/") for k in m):
             reason = reason or f"not measured (re-run evaluate@{f.name})"
-            rows.append([f.name, "—"] + [_na(reason)] * (len(ood_sets) + 2))
+            rows.append([f.name, "—", *_na_row(reason, len(ood_sets) + 2)])
             continue
         score = "likelihood" if f.likelihood != "none" else "−energy"
         for label, infix, typical in (
@@ -367,7 +372,8 @@ def _ood(
             rows.append([f.name, label, *values, mean, ""])
         detected = [_fmt(_get(m, f"ood/detected_{s}"), "{:.3f}") or "n/a" for s in ood_sets]
         test_fpr = _fmt(_get(m, "ood/test_fpr"), "{:.3f}") or "n/a"
-        rows.append([f.name, f"detected ({statistic})", *detected, "", test_fpr])
+        by = score if statistic == "likelihood" else statistic
+        rows.append([f.name, f"detected ({by})", *detected, "", test_fpr])
     lines = _table(header, rows)
     note = (
         f"Detected: the fraction of each set the threshold flags, with the threshold on the "
@@ -385,7 +391,7 @@ def _class_fid(families: list[FamilyReport]) -> list[str]:
     for f in families:
         reason = f.reasons["conditional"]
         if reason is not None:
-            rows.append([f.name] + [_na(reason)] * (len(classes) + 1))
+            rows.append([f.name, *_na_row(reason, len(classes) + 1)])
             continue
         fids = per_family[f.name]
         rows.append(
