@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from genlab import paths
 from genlab.config import load_params
+from genlab.evaluation.predict import scorer
 from genlab.models import MODELS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -272,7 +273,7 @@ def test_repro_then_experiment_lands_in_one_store(repo_copy: Path) -> None:
         assert f"| {family} |" in summary
         cls = MODELS[family]
         conditional = params.family(family).model_kwargs()["conditional"]
-        scores = cls.likelihood != "none" or cls.has_energy
+        scores = scorer(cls) is not None
         assert ("ood/auroc_noise" in metrics) == scores, family
         assert ("test/class_acc" in metrics) == (scores and conditional), family
         assert ("test/probe_acc" in metrics) == cls.has_latent, family

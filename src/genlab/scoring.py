@@ -198,10 +198,10 @@ def load_family(family: str, *, meta: Meta, device: torch.device) -> GenerativeM
     """The trained `family` from models/<family>/model.ckpt, checked against the data's
     geometry; an error saying what to run when it cannot score images or is missing."""
     cls = MODELS[family]
-    if cls.likelihood == "none" and not cls.has_energy:
+    if scorer(cls) is None:
         raise GenlabError(
             f"{family} cannot score images: it has neither a likelihood nor an energy "
-            f"(families that can: {', '.join(sorted(f for f, m in MODELS.items() if _scores(m)))})"
+            f"(families that can: {', '.join(sorted(f for f, m in MODELS.items() if scorer(m)))})"
         )
     checkpoint = paths.family_model_dir(family) / MODEL_FILE
     if not checkpoint.is_file():
@@ -216,10 +216,6 @@ def load_family(family: str, *, meta: Meta, device: torch.device) -> GenerativeM
             f"re-run uv run dvc repro train@{family}"
         )
     return model.eval()
-
-
-def _scores(cls: type[GenerativeModule]) -> bool:
-    return cls.likelihood != "none" or cls.has_energy
 
 
 # ----------------------------------------------------------------------------- scoring

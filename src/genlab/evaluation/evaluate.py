@@ -19,7 +19,7 @@ from genlab.evaluation.ood import calibrate, ood_metrics, ood_sets
 from genlab.evaluation.predict import accuracy, log_prior, score_images, scorer
 from genlab.evaluation.representation import represent
 from genlab.models import GenerativeModule
-from genlab.models.base import bits_per_dim
+from genlab.models.base import bits_per_dim, bpd_key, nll_key
 
 
 @dataclass(frozen=True)
@@ -81,9 +81,9 @@ def prediction_metrics(
         out["test/class_acc"] = accuracy(test.joint, splits["test"].y)
         if model.likelihood != "none":
             nats = -float(test.log_px.mean())
-            bound = "" if model.likelihood == "exact" else "_bound"
-            out[f"test/marginal_nll{bound}_nats"] = nats
-            out[f"test/marginal_bpd{bound}"] = float(bits_per_dim(nats, model.dims))
+            out[nll_key("test", model.likelihood, marginal=True)] = nats
+            bpd = bits_per_dim(nats, model.dims)
+            out[bpd_key("test", model.likelihood, marginal=True)] = float(bpd)
     return out
 
 

@@ -21,11 +21,13 @@ image far *above* the data's typical log-likelihood is as suspicious as one far 
 from __future__ import annotations
 
 import math
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import torch
 import torch.nn.functional as F
 from torchmetrics.functional.classification import binary_auroc
+
+from genlab.config import OodSet
 
 Statistic = Literal["likelihood", "typicality"]
 
@@ -79,7 +81,7 @@ def ood_set(name: str, x: torch.Tensor, levels: int, generator: torch.Generator)
 def ood_sets(names: list[str], x: torch.Tensor, levels: int, seed: int) -> dict[str, torch.Tensor]:
     """Every set in `names`, each from its own generator seeded by (seed, position in the
     list of all sets), so adding a set does not change the others."""
-    all_names = ["noise", "inverted", "hflip", "vflip", "rot90", "natural"]
+    all_names = get_args(OodSet)
     out = {}
     for name in names:
         generator = torch.Generator().manual_seed(seed * 1000 + all_names.index(name))

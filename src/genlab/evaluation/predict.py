@@ -23,8 +23,9 @@ from genlab.models.base import GenerativeModule
 Scorer = Literal["likelihood", "energy"]
 
 
-def scorer(model: GenerativeModule) -> Scorer | None:
-    """What a family scores images with: its likelihood, its energy, or nothing (None)."""
+def scorer(model: GenerativeModule | type[GenerativeModule]) -> Scorer | None:
+    """What a family (class or model) scores images with: its likelihood, its energy, or
+    nothing (None)."""
     if model.likelihood != "none":
         return "likelihood"
     if model.has_energy:

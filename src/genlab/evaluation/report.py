@@ -36,6 +36,7 @@ from genlab import paths
 from genlab.config import EvaluateParams, Params
 from genlab.data.prepared import load_split, read_meta
 from genlab.evaluation.fidelity import sample_metrics
+from genlab.evaluation.predict import scorer
 from genlab.evaluation.representation import linear_probe
 from genlab.models import MODELS
 from genlab.models.base import Likelihood, bits_per_dim, bpd_key, nll_key
@@ -98,7 +99,7 @@ def capabilities(family: str, params: Params) -> dict[Question, str | None]:
     (`conditional`), never from its name."""
     cls = MODELS[family]
     has_likelihood = cls.likelihood != "none"
-    scores = has_likelihood or cls.has_energy  # log p(x) or -E(x) ranks images
+    scores = scorer(cls) is not None  # log p(x) or -E(x) ranks images
     conditional = bool(params.family(family).model_kwargs().get("conditional", False))
     unconditional = f"unconditional (set models.{family}.conditional: true)"
     if has_likelihood:
@@ -155,9 +156,7 @@ def likelihood_nats(family: FamilyReport) -> float:
     likelihood family (-log sum_y p(x | y) p(y)), else the test NLL; nan where absent."""
     if family.likelihood == "none":
         return math.nan
-    prefix = "test/marginal_" if family.conditional else "test/"
-    key = nll_key("test", family.likelihood).replace("test/", prefix)
-    return _get(family.metrics, key)
+    return _get(family.metrics, nll_key("test", family.likelihood, marginal=family.conditional))
 
 
 def class_fids(family: FamilyReport) -> dict[int, float]:

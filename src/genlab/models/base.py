@@ -33,13 +33,16 @@ from torchmetrics import MeanMetric
 Likelihood = Literal["exact", "lower_bound", "none"]
 
 
-def nll_key(split: str, likelihood: Likelihood) -> str:
-    """Metric name of held-out negative log-likelihood; a bound says so in its name."""
-    return f"{split}/nll_nats" if likelihood == "exact" else f"{split}/nll_bound_nats"
+def nll_key(split: str, likelihood: Likelihood, *, marginal: bool = False) -> str:
+    """Metric name of held-out negative log-likelihood; a bound says so in its name, and
+    `marginal` marks -log sum_y p(x | y) p(y) of a conditional family."""
+    name = "marginal_nll" if marginal else "nll"
+    return f"{split}/{name}_nats" if likelihood == "exact" else f"{split}/{name}_bound_nats"
 
 
-def bpd_key(split: str, likelihood: Likelihood) -> str:
-    return f"{split}/bpd" if likelihood == "exact" else f"{split}/bpd_bound"
+def bpd_key(split: str, likelihood: Likelihood, *, marginal: bool = False) -> str:
+    name = "marginal_bpd" if marginal else "bpd"
+    return f"{split}/{name}" if likelihood == "exact" else f"{split}/{name}_bound"
 
 
 def bits_per_dim(nats_per_image: torch.Tensor | float, dims: int) -> torch.Tensor | float:
