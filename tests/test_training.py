@@ -13,11 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from lightning.pytorch.callbacks import Callback
 from mlflow.tracking import MlflowClient
 
 from genlab.config import parse_params
 from genlab.data.prepared import prepare
+from genlab.errors import TrainingDiverged, TrainingInterrupted
 from genlab.models import MODELS
+from genlab.models.gan import D_WIN_STEPS
 from genlab.training import MODEL_FILE, train_family
 
 GENLAB = [sys.executable, "-m", "genlab.cli"]
@@ -114,3 +117,169 @@ def test_sample_grids_logged_during_training_land_in_the_mlflow_run(
     grids = [p for p in images if p.startswith("images/samples") and p.endswith(".png")]
     # MLflow stores each logged image as a full-size and a compressed png.
     assert len([p for p in grids if "compressed" not in p]) == 2, images
+
+
+class KillAt(Callback):
+    """Sends this process SIGTERM as a pre-empting scheduler would, once `global_step` is `step`:
+    in the middle of a training batch (the batch finishes, genlab checkpoints it, the fit stops),
+    during validation, or at an epoch's end."""
+
+    def __init__(self, step: int, phase: str = "batch") -> None:
+        self.step, self.phase, self.sent = step, phase, False
+
+    def _maybe(self, trainer, phase: str) -> None:
+        if phase == self.phase and trainer.global_step == self.step and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_train_batch_start(self, trainer, *args) -> None:
+        self._maybe(trainer, "batch")
+
+    def on_validation_batch_start(self, trainer, *args) -> None:
+        self._maybe(trainer, "validation")
+
+    def on_train_epoch_end(self, trainer, *args) -> None:
+        self._maybe(trainer, "epoch_end")
+
+
+def _state(path: Path) -> dict:
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    return {k: ckpt[k] for k in ("state_dict", "optimizer_states", "global_step", "epoch")}
+
+
+def _assert_equal(a: object, b: object, where: str = "") -> None:
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            _assert_equal(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_equal(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+@pytest.mark.parametrize(
+    ("family", "kill"),
+    [(family, KillAt(5)) for family in sorted(MODELS)]
+    # Where else a signal lands: in validation (the epoch is redone from its start), at an
+    # epoch's end (resumed from that epoch's checkpoint, the next epoch not skipped).
+    + [("vae", KillAt(8, "validation")), ("vae", KillAt(4, "epoch_end"))],
+    ids=lambda v: v.phase if isinstance(v, KillAt) else v,
+)
+def test_resume_after_a_kill_is_bit_identical(
+    family: str, kill: KillAt, tiny: dict, prepared_digits: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """N steps uninterrupted against k steps, SIGTERM, resume to N: weights (EMA, replay buffer
+    and every other buffer included), optimiser state and step counters are equal bit for bit,
+    and the run logged every training step."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = parse_params(
+        {
+            "families": [family],
+            "trainer": {"sample_every_n_epochs": 1000, "log_every_n_steps": 1},
+            # 1000 images / 250 = 4 steps per epoch; the kill lands in the second epoch.
+            "models": {family: tiny.get(family, {}) | {"max_epochs": 2, "batch_size": 250}},
+            "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+        }
+    )
+
+    def train(name: str, *callbacks: Callback):
+        return train_family(
+            params,
+            family,
+            prepared_dir=prepared_digits,
+            out_dir=tmp_path / name / "model",
+            checkpoint_root=tmp_path / name / "checkpoints",
+            callbacks=callbacks,
+        )
+
+    train("straight")
+    with pytest.raises(TrainingInterrupted, match="received SIGTERM"):
+        train("resumed", kill)
+    (ckpt_dir,) = (tmp_path / "resumed/checkpoints").iterdir()
+    # Mid-epoch: the batch in flight is kept; otherwise the first epoch's checkpoint.
+    assert _state(ckpt_dir / "last.ckpt")["global_step"] == (6 if kill.phase == "batch" else 4)
+    result = train("resumed")
+    client = MlflowClient(result.run.tracking_uri)
+    steps = {m.step for m in client.get_metric_history(result.run.run_id, "train/loss")}
+    assert steps == set(range(8))
+
+    (straight_dir,) = (tmp_path / "straight/checkpoints").iterdir()
+    _assert_equal(_state(straight_dir / "last.ckpt"), _state(ckpt_dir / "last.ckpt"))
+    straight = torch.load(tmp_path / "straight/model" / MODEL_FILE, weights_only=True)
+    resumed = torch.load(tmp_path / "resumed/model" / MODEL_FILE, weights_only=True)
+    _assert_equal(straight["state_dict"], resumed["state_dict"], "final model")
+
+
+class PoisonAt(Callback):
+    """Turns the first weight of the model NaN as training step `step` starts."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                next(pl_module.parameters()).fill_(float("nan"))
+
+
+class DiscriminatorWinsAt(Callback):
+    """Makes the GAN's own divergence statistic report a discriminator that has won for
+    D_WIN_STEPS steps, a state whose loss is finite. At the epoch's last batch, where the
+    finite check looks next."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            pl_module.d_win_streak.fill_(D_WIN_STEPS)
+
+
+@pytest.mark.parametrize(
+    ("family", "fault", "message"),
+    [
+        ("vae", PoisonAt(5), r"NaN/Inf at step 5 \(epoch 1\)"),
+        ("gan", PoisonAt(5), r"NaN/Inf at step 5 \(epoch 1\)"),
+        ("gan", DiscriminatorWinsAt(8), r"discriminator loss stayed below"),
+    ],
+)
+def test_a_nan_loss_or_divergence_stops_training_and_keeps_the_last_good_checkpoint(
+    family: str,
+    fault: Callback,
+    message: str,
+    tiny: dict,
+    prepared_digits: Path,
+    tmp_path: Path,
+    monkeypatch,
+) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = parse_params(
+        {
+            "families": [family],
+            "trainer": {"sample_every_n_epochs": 1000, "log_every_n_steps": 50},
+            "models": {family: tiny.get(family, {}) | {"max_epochs": 3, "batch_size": 250}},
+            "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+        }
+    )
+    with pytest.raises(TrainingDiverged, match=message) as error:
+        train_family(
+            params,
+            family,
+            prepared_dir=prepared_digits,
+            out_dir=tmp_path / "model",
+            checkpoint_root=tmp_path / "checkpoints",
+            callbacks=[fault],
+        )
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "model" / MODEL_FILE).exists()
+    (ckpt_dir,) = (tmp_path / "checkpoints").iterdir()
+    kept = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=True)
+    # The first epoch's checkpoint (4 steps), untouched by the poisoned second epoch.
+    assert kept["global_step"] == 4
+    assert all(t.isfinite().all() for t in kept["state_dict"].values() if t.is_floating_point())
+    assert str(ckpt_dir / "last.ckpt") in str(error.value)

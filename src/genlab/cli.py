@@ -34,10 +34,44 @@ def build_parser() -> argparse.ArgumentParser:
     )
     score.add_argument("input", help="a folder of images, one image file or a .npy array of levels")
     score.add_argument("--out", metavar="FILE.csv", help="write the CSV here (default: stdout)")
+    sync = sub.add_parser(
+        "sync",
+        help="replay MLflow logging spooled during a tracking outage",
+        description="Replay every spool (logging a training could not send to its MLflow run) "
+        "into its run. Each spool knows its tracking URI and run id; a replayed record is never "
+        "sent twice, and an unreachable store leaves the spool as it was.",
+    )
+    sync.add_argument(
+        "paths",
+        nargs="*",
+        metavar="PATH",
+        help="spool folders, or folders searched for spools (default: checkpoints/)",
+    )
     return parser
 
 
+def run_sync(paths: list[str]) -> None:
+    from pathlib import Path
+
+    from genlab.spool import sync
+    from genlab.tracking import project_root
+
+    folders = [Path(p) for p in paths] or [project_root() / "checkpoints"]
+    found = False
+    for r in sync(folders):
+        found = True
+        if r.counts.total == 0 and not r.left:
+            print(f"run {r.run_id}: nothing to replay ({r.spool})")
+        else:
+            print(f"run {r.run_id}: replayed {r.counts.summary()} from {r.spool}")
+    if not found:
+        print(f"no spools in {', '.join(map(str, folders))}: nothing to replay")
+
+
 def run(args: argparse.Namespace) -> None:
+    if args.command == "sync":  # needs no params: each spool knows its store and run
+        run_sync(args.paths)
+        return
     from genlab.config import load_params
 
     params = load_params(args.params)

@@ -46,7 +46,10 @@ class TrainerParams(Strict):
     """Lightning Trainer settings shared by every family."""
 
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "cpu"
-    devices: PositiveInt | Literal["auto"] = 1
+    devices: PositiveInt | Literal["auto"] = 1  # per node
+    num_nodes: PositiveInt = 1
+    # auto: DDP when devices or num_nodes ask for more than one process; ddp: always.
+    strategy: Literal["auto", "ddp"] = "auto"
     precision: Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true", "64-true"] = "32-true"
     log_every_n_steps: PositiveInt = 10
     # A grid of samples is logged to MLflow every this many epochs (and after the last one).

@@ -19,3 +19,8 @@ class TrainingInterrupted(GenlabError, RuntimeError):
 
 class TrackingError(GenlabError, RuntimeError):
     """MLflow could not be reached or refused a call."""
+
+
+class TrainingDiverged(GenlabError, RuntimeError):
+    """The loss turned NaN/Inf or the family's own divergence check fired; the last good
+    checkpoint is kept."""

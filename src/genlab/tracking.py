@@ -9,14 +9,22 @@
 - One run per family training; its id is kept in `run.json` next to the final checkpoint so the
   evaluate stage logs into the same run.
 - Only global rank 0 talks to MLflow.
+- A tracking server must be reachable when training starts (`check_reachable` fails within
+  seconds); an outage during training never stops it: `genlab.spool.SpoolingMLFlowLogger` spools
+  what fails and replays it when the server is back, at the end of the fit, or by `genlab sync`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +67,75 @@ def resolve_tracking_uri(params_uri: str | None = None) -> str:
 
 def is_local_store(uri: str) -> bool:
     return uri.startswith("sqlite:")
+
+
+# MLflow's HTTP client retries a failing request 7 times with backoff factor 2 and a 120 s
+# timeout per attempt (mlflow.environment_variables: MLFLOW_HTTP_REQUEST_MAX_RETRIES = 7,
+# MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR = 2, MLFLOW_HTTP_REQUEST_TIMEOUT = 120, read at every request
+# by mlflow.utils.rest_utils.http_request): about four minutes per call against a dead server.
+# While training, one call may cost at most a few seconds: one retry, no backoff, 2 s timeouts.
+SHORT_HTTP_SETTINGS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "2",
+}
+
+
+@contextmanager
+def short_http_retries() -> Iterator[None]:
+    """MLflow calls inside fail within seconds instead of minutes.
+
+    MLflow reads these settings only from the environment (the client takes no retry argument),
+    so they are set for the duration of the block and restored after it: nothing leaks into other
+    code, but another thread calling MLflow during the block would see them too.
+    """
+    saved = {name: os.environ.get(name) for name in SHORT_HTTP_SETTINGS}
+    os.environ.update(SHORT_HTTP_SETTINGS)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Raise TrackingError within about `timeout_s` if the tracking store at `uri` is unusable.
+
+    http(s): the server's `/health` must answer 2xx. sqlite: the database's folder must exist and
+    be writable (the file itself is created on first use). Other schemes are not checked.
+    """
+    fix = "fix MLFLOW_TRACKING_URI or tracking.uri in params.yaml"
+    if uri.startswith(("http://", "https://")):
+        url = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s) as response:
+                status = response.status
+        except urllib.error.HTTPError as exc:
+            status = exc.code
+        except (OSError, ValueError) as exc:  # URLError, refused, DNS, timeout; bad URL
+            reason = getattr(exc, "reason", exc)
+            if isinstance(reason, (TimeoutError, socket.timeout)):
+                reason = f"no answer within {timeout_s:g} s"
+            raise TrackingError(
+                f"MLflow tracking server {uri} is not reachable ({reason}); start it "
+                f"(mlflow server --host 127.0.0.1 --port <port> --backend-store-uri ...) or {fix}"
+            ) from None
+        if not 200 <= status < 300:
+            raise TrackingError(
+                f"MLflow tracking server {uri} is not healthy ({url} answered {status}); "
+                f"check the server, or {fix}"
+            )
+    elif uri.startswith("sqlite:///") and not uri.endswith(":memory:"):
+        folder = Path(uri.removeprefix("sqlite:///")).parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise TrackingError(
+                f"MLflow store {uri}: folder {folder} does not exist or is not writable; "
+                f"create it or {fix}"
+            )
 
 
 def is_global_zero() -> bool:

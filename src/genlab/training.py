@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,35 +19,147 @@ import lightning as L
 import torch
 import yaml
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
-from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from mlflow.tracking import MlflowClient
 
-from genlab.config import Params, config_hash
-from genlab.data.datamodule import PreparedDataModule
+from genlab.config import Params, TrainerParams, config_hash
+from genlab.data.datamodule import PreparedDataModule, derived_seed
 from genlab.data.prepared import read_meta
-from genlab.errors import TrainingInterrupted
+from genlab.errors import TrainingDiverged, TrainingInterrupted
 from genlab.evaluation.grids import image_grid
 from genlab.models import MODELS, GenerativeModule
 from genlab.models.base import nll_key
+from genlab.spool import SpoolingMLFlowLogger
 from genlab.tracking import (
     RunRecord,
+    check_reachable,
     flatten,
     is_global_zero,
     provenance_tags,
     resolve_tracking_uri,
+    short_http_retries,
     start_run,
 )
 
 RUN_FILE = "run.json"
 MODEL_FILE = "model.ckpt"
+SPOOL_DIR = "spool"  # <checkpoint dir>/spool: MLflow calls that failed, for `genlab sync`
 LAST = "last"  # in-progress checkpoint: <checkpoint_root>/<config hash>/last.ckpt
 
 
 def grid_labels(model: GenerativeModule, n: int) -> torch.Tensor | None:
     """Labels for a sample grid: classes in turn (a row per class on a num_classes-wide grid)."""
     return torch.arange(n) % model.num_classes if model.conditional else None
+
+
+class StepSeeds(Callback):
+    """Reseeds the global torch RNG before every training batch from (seed, epoch, batch, rank).
+
+    Dropout, reparameterisation noise, diffusion timesteps, Langevin chains: every random draw
+    of a training step then depends on where the step is, not on the history of the process, so
+    a run resumed from a checkpoint draws exactly what the uninterrupted run drew. (Saving the
+    RNG state in the checkpoint does not do it: DESIGN.md, "Known traps".)
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: object, batch_idx: int
+    ) -> None:
+        epoch, rank = trainer.current_epoch, trainer.global_rank
+        torch.manual_seed(derived_seed(self.seed, epoch, batch_idx, rank))
+
+
+class FiniteCheck(Callback):
+    """Stops training with `TrainingDiverged` when a loss turns NaN/Inf or the family reports
+    divergence (`GenerativeModule.divergence`), before any checkpoint of the broken state.
+
+    The first non-finite step is recorded on the device every step (no host sync); the host
+    looks at it every `every_n_steps` batches (where Lightning syncs to log anyway) and at the
+    last batch of every epoch, which precedes validation and the epoch's checkpoints;
+    `SignalCheckpoint` looks before it saves.
+    """
+
+    def __init__(self, every_n_steps: int, ckpt_dir: Path) -> None:
+        self.every_n_steps = every_n_steps
+        self.ckpt_dir = ckpt_dir
+        self._first_bad: torch.Tensor | None = None  # (1,) batch number, -1 while all finite
+        self._batches = 0
+
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: object,
+        batch: object,
+        batch_idx: int,
+    ) -> None:
+        losses = outputs.values() if isinstance(outputs, dict) else [outputs]
+        losses = [v.detach() for v in losses if isinstance(v, torch.Tensor)]
+        if self._first_bad is None:
+            self._first_bad = torch.full((), -1, dtype=torch.long, device=pl_module.device)
+        if losses:
+            finite = torch.stack([v.float().isfinite().all() for v in losses]).all()
+            unmarked = (~finite) & (self._first_bad < 0)
+            # The step this loss is logged at in MLflow (global_step already counts this batch).
+            self._first_bad = torch.where(unmarked, trainer.global_step - 1, self._first_bad)
+        self._batches += 1
+        if self._batches % self.every_n_steps == 0 or batch_idx + 1 >= trainer.num_training_batches:
+            self.check(trainer, pl_module, synced=True)
+
+    def check(self, trainer: L.Trainer, model: GenerativeModule, *, synced: bool) -> None:
+        """Raise if this rank (or, `synced`, any rank: a collective call every rank makes at the
+        same step) saw a non-finite loss or divergence."""
+        reason = model.divergence()
+        bad = self._first_bad if self._first_bad is not None else torch.tensor(-1)
+        diverged = torch.tensor(int(reason is not None), device=model.device)
+        flags = torch.stack([bad.to(model.device), diverged])
+        if synced and trainer.world_size > 1:
+            flags = trainer.strategy.reduce(flags, reduce_op="max")
+        step, diverged = (int(v) for v in flags.tolist())
+        last = self.ckpt_dir / f"{LAST}.ckpt"
+        keep = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint yet"
+        if step >= 0:
+            raise TrainingDiverged(
+                f"the training loss became NaN/Inf at step {step} (epoch {trainer.current_epoch}); "
+                f"{keep}. Lower the learning rate or clip gradients, then re-run"
+            )
+        if diverged:
+            raise TrainingDiverged(
+                f"training diverged by step {trainer.global_step} (epoch {trainer.current_epoch}): "
+                f"{reason or 'reported by another rank'}; {keep}"
+            )
+
+
+class SignalCheckpoint(Callback):
+    """On SIGTERM (or SLURM's pre-emption signal, forwarded as SIGTERM) writes the resume
+    checkpoint where Lightning stops, after the current batch and all its hooks (an EMA update
+    in the module's `on_train_batch_end` included), mid-epoch if need be: the stateful loaders
+    and `StepSeeds` make resuming from it exact. `train_family` then exits non-zero so DVC does
+    not record the stage."""
+
+    def __init__(self, ckpt_dir: Path, finite: FiniteCheck) -> None:
+        self.ckpt_dir = ckpt_dir
+        self.finite = finite
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        if not isinstance(exception, SIGTERMException):
+            return
+        # Only where Lightning stops between two training batches. Stopped at an epoch's end,
+        # last.ckpt of that epoch is the resume point already (its loop state is the one
+        # Lightning restores from; a second save after the epoch counter moved would skip an
+        # epoch on resume); stopped during validation, the epoch is redone from its start.
+        epoch = trainer.fit_loop.epoch_progress.current
+        if trainer.validating or epoch.processed >= epoch.ready:
+            return
+        self.finite.check(trainer, pl_module, synced=False)  # never save a broken state
+        # Lightning writes through an fsspec transaction: a temporary file, then a rename.
+        trainer.save_checkpoint(self.ckpt_dir / f"{LAST}.ckpt")
 
 
 class SampleGridCallback(Callback):
@@ -78,17 +191,22 @@ class SampleGridCallback(Callback):
         nrow = model.num_classes if model.conditional else int(self.n**0.5) or 1
         grid = image_grid(samples, model.levels, nrow=nrow)
         for logger in trainer.loggers:
-            if isinstance(logger, MLFlowLogger):
-                logger.experiment.log_image(logger.run_id, grid, key="samples", step=epoch)
+            if isinstance(logger, SpoolingMLFlowLogger):
+                logger.log_image(grid, key="samples", step=epoch)
         self.logged_steps.append(epoch)
 
 
 def _callbacks(
     params: Params, family: str, model: GenerativeModule, ckpt_dir: Path
 ) -> tuple[list[Callback], ModelCheckpoint | None]:
-    """Resumable `last.ckpt`, the best-validation checkpoint, early stopping, sample grids."""
+    """Per-step seeds, the finite-loss check, resumable `last.ckpt` (every epoch and on SIGTERM),
+    the best-validation checkpoint, early stopping, sample grids."""
     fp = params.family(family)
+    finite = FiniteCheck(params.trainer.log_every_n_steps, ckpt_dir)
     callbacks: list[Callback] = [
+        StepSeeds(params.seed),
+        finite,
+        SignalCheckpoint(ckpt_dir, finite),
         # The latest epoch, every epoch, for resume. Not `save_last=True`: since Lightning 2.6 it
         # writes last.ckpt only in steps where a top-k checkpoint was saved. No version counter,
         # so a resumed fit keeps writing the same file.
@@ -129,15 +247,26 @@ class TrainResult:
 def _open_run(params: Params, family: str, ckpt_dir: Path, tags: dict[str, str]) -> RunRecord:
     """The MLflow run of this training: resumed from `ckpt_dir` if it holds one, else new."""
     record_path = ckpt_dir / RUN_FILE
-    client = MlflowClient(resolve_tracking_uri(params.tracking.uri))
-    if record_path.is_file():
-        record = RunRecord.load(record_path)
-        if record.tracking_uri == client.tracking_uri:
-            client.set_terminated(record.run_id, status="RUNNING")
-            return record
-    record = start_run(client, params.experiment_name, run_name=family, tags=tags)
+    uri = resolve_tracking_uri(params.tracking.uri)
+    check_reachable(uri)  # an unreachable server fails here, in seconds, not minutes in
+    client = MlflowClient(uri)
+    with short_http_retries():
+        if record_path.is_file():
+            record = RunRecord.load(record_path)
+            if record.tracking_uri == client.tracking_uri:
+                client.set_terminated(record.run_id, status="RUNNING")
+                return record
+        record = start_run(client, params.experiment_name, run_name=family, tags=tags)
     record.save(record_path)
     return record
+
+
+def strategy(tp: TrainerParams, model: GenerativeModule) -> str | DDPStrategy:
+    """Lightning's strategy for `tp`: DDP, told whether the family leaves parameters unused,
+    whenever more than one process may train; else Lightning's choice."""
+    if tp.strategy == "ddp" or tp.devices != 1 or tp.num_nodes > 1:
+        return DDPStrategy(find_unused_parameters=model.ddp_find_unused_parameters)
+    return "auto"
 
 
 def build_model(params: Params, family: str, prepared_dir: str | Path) -> GenerativeModule:
@@ -157,8 +286,11 @@ def train_family(
     prepared_dir: str | Path,
     out_dir: str | Path,
     checkpoint_root: str | Path,
+    callbacks: Sequence[Callback] = (),
 ) -> TrainResult:
-    """Fit `family` and write `out_dir/model.ckpt` and `out_dir/run.json` after a finished fit."""
+    """Fit `family` and write `out_dir/model.ckpt` and `out_dir/run.json` after a finished fit.
+
+    `callbacks` are added to genlab's own (a library user's hooks, a test's fault injection)."""
     start = time.perf_counter()
     meta = read_meta(prepared_dir)
     fp = params.family(family)
@@ -176,39 +308,56 @@ def train_family(
         tags = provenance_tags(stage=f"train@{family}", data_sha256=meta.data_sha256)
         tags |= {"family": family, "dataset": meta.dataset, "config_hash": config_hash(config)}
         record = _open_run(params, family, ckpt_dir, tags)
-        logger = MLFlowLogger(tracking_uri=record.tracking_uri, run_id=record.run_id)
-        data = {"data.levels": meta.levels, "data.shape": list(meta.shape)}
-        data |= {"data.num_classes": meta.num_classes}
-        model_info = {"model.class": type(model).__name__, "model.likelihood": model.likelihood}
-        logger.log_hyperparams(flatten(config) | data | model_info)
-        logger.experiment.log_text(
-            record.run_id, yaml.safe_dump(params.model_dump()), "params.yaml"
+        # Logging failures during training are spooled to the checkpoint folder and replayed
+        # when the server is back, at the end of the fit, or by `genlab sync`.
+        loggers.append(
+            SpoolingMLFlowLogger(
+                tracking_uri=record.tracking_uri,
+                run_id=record.run_id,
+                spool_dir=ckpt_dir / SPOOL_DIR,
+                experiment_id=record.experiment_id,
+            )
         )
-        loggers.append(logger)
 
-    callbacks, best = _callbacks(params, family, model, ckpt_dir)
+    own, best = _callbacks(params, family, model, ckpt_dir)
+    callbacks = [*callbacks, *own]
+    tp = params.trainer
     trainer = L.Trainer(
         max_epochs=fp.max_epochs,
-        accelerator=params.trainer.accelerator,
-        devices=params.trainer.devices,
-        precision=params.trainer.precision,
+        accelerator=tp.accelerator,
+        devices=tp.devices,
+        num_nodes=tp.num_nodes,
+        strategy=strategy(tp, model),
+        precision=tp.precision,
         logger=loggers or False,
         callbacks=callbacks,
-        log_every_n_steps=params.trainer.log_every_n_steps,
+        log_every_n_steps=tp.log_every_n_steps,
         default_root_dir=ckpt_dir,
+        # PreparedDataModule shards by rank itself (seeded per epoch, unpadded validation).
+        use_distributed_sampler=False,
         enable_progress_bar=False,
         enable_model_summary=False,
     )
+    if record is not None:
+        logger = loggers[0]
+        data = {"data.levels": meta.levels, "data.shape": list(meta.shape)}
+        data |= {"data.num_classes": meta.num_classes}
+        model_info = {"model.class": type(model).__name__, "model.likelihood": model.likelihood}
+        # batch_size is per process; what one optimiser step sees is batch_size x world size.
+        world = {"trainer.world_size": trainer.world_size}
+        world |= {"trainer.global_batch_size": fp.batch_size * trainer.world_size}
+        logger.log_hyperparams(flatten(config) | data | model_info | world)
+        logger.log_text(yaml.safe_dump(params.model_dump()), "params.yaml")
     last = ckpt_dir / f"{LAST}.ckpt"
     resume = last if last.is_file() else None
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
     except SIGTERMException:
         # Lightning raises SystemExit(None) here: exit code 0, which DVC would record as a
-        # finished stage. Turn it into a failure; last.ckpt of the last full epoch is kept.
+        # finished stage. Turn it into a failure; SignalCheckpoint saved the last batch.
         raise TrainingInterrupted(
-            f"training of {family} received SIGTERM in epoch {trainer.current_epoch}; "
-            f"checkpoints kept in {ckpt_dir}, re-run to resume"
+            f"training of {family} received SIGTERM at step {trainer.global_step} (epoch "
+            f"{trainer.current_epoch}); checkpoint kept in {ckpt_dir}, re-run to resume"
         ) from None
     stopped_early = any(isinstance(c, EarlyStopping) and c.stopped_epoch > 0 for c in callbacks)
     if (
@@ -224,21 +373,21 @@ def train_family(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / MODEL_FILE
-    if trainer.is_global_zero:
-        if best is not None and best.best_model_path:
-            # The checkpoint with the best validation likelihood, not the last one: on small
-            # data the likelihood families overfit long before max_epochs.
+    if best is not None and best.best_model_path:
+        # The checkpoint with the best validation likelihood, not the last one: on small data
+        # the likelihood families overfit long before max_epochs.
+        if trainer.is_global_zero:
             shutil.copyfile(best.best_model_path, out_dir / f".{MODEL_FILE}.tmp")
-        else:
-            trainer.save_checkpoint(out_dir / f".{MODEL_FILE}.tmp")
-        os.replace(out_dir / f".{MODEL_FILE}.tmp", final)
+            os.replace(out_dir / f".{MODEL_FILE}.tmp", final)
+    else:
+        # Every rank takes part (a barrier inside); rank 0 writes, through a temporary file.
+        trainer.save_checkpoint(final)
     wall_s = time.perf_counter() - start
     if record is not None:
-        client = MlflowClient(record.tracking_uri)
-        client.log_artifact(record.run_id, str(final), "checkpoint")
-        client.log_metric(record.run_id, "train/wall_s", wall_s)
-        client.log_metric(
-            record.run_id, "model/num_params", sum(p.numel() for p in model.parameters())
-        )
+        logger = loggers[0]
+        logger.log_artifact(final, "checkpoint")
+        num_params = sum(p.numel() for p in model.parameters())
+        logger.log_metrics({"train/wall_s": wall_s, "model/num_params": num_params})
+        logger.finalize("success")  # replays what an outage left in the spool, or says so
         record.save(out_dir / RUN_FILE)
     return TrainResult(record, final, trainer.current_epoch, wall_s)

@@ -10,8 +10,10 @@ import numpy as np
 import torch
 
 from genlab.config import EvaluateParams, PredictionParams, RepresentationParams
+from genlab.data.datamodule import derived_seed
 from genlab.data.datasets import Split
 from genlab.data.prepared import load_split, read_meta
+from genlab.distributed import ONE_PROCESS, Shard
 from genlab.evaluation.fidelity import class_fid, evaluator_outputs, sample_metrics
 from genlab.evaluation.grids import image_grid
 from genlab.evaluation.likelihood import likelihood_metrics
@@ -35,20 +37,27 @@ def evaluation_labels(model: GenerativeModule, n: int) -> torch.Tensor | None:
 
 
 @torch.no_grad()
-def generate(model: GenerativeModule, protocol: EvaluateParams, **sampler: object) -> Generated:
-    """`protocol.num_samples` samples in batches from one generator seeded by `protocol.seed`;
-    `sampler` settings (e.g. a diffusion model's ``sampler="ddpm"``) go to every `sample` call."""
+def generate(
+    model: GenerativeModule, protocol: EvaluateParams, shard: Shard = ONE_PROCESS, **sampler: object
+) -> Generated | None:
+    """`protocol.num_samples` samples in batches of `protocol.batch_size`, batch b drawn from a
+    generator seeded by (protocol.seed, b): the samples are the same however many processes
+    share the batches (`shard`). Rank 0 gets them all, in order; other ranks None. `sampler`
+    settings (e.g. a diffusion model's ``sampler="ddpm"``) go to every `sample` call."""
     model.eval()
-    generator = torch.Generator().manual_seed(protocol.seed)
     labels = evaluation_labels(model, protocol.num_samples)
-    batches = []
+    num_batches = -(-protocol.num_samples // protocol.batch_size)
+    mine = {}
     start = time.perf_counter()
-    for i in range(0, protocol.num_samples, protocol.batch_size):
+    for b in shard.batches(num_batches):
+        i = b * protocol.batch_size
         n = min(protocol.batch_size, protocol.num_samples - i)
         y = None if labels is None else labels[i : i + n]
-        batches.append(model.sample(n, y, generator=generator, **sampler).cpu())
+        generator = torch.Generator().manual_seed(derived_seed(protocol.seed, b))
+        mine[b] = model.sample(n, y, generator=generator, **sampler).cpu()
+    batches = shard.gather(mine)
     seconds = time.perf_counter() - start
-    return Generated(torch.cat(batches), labels, seconds)
+    return None if batches is None else Generated(torch.cat(batches), labels, seconds)
 
 
 def prediction_metrics(
@@ -111,15 +120,21 @@ def evaluate_model(
     protocol: EvaluateParams,
     prediction: PredictionParams,
     representation: RepresentationParams,
-) -> Evaluation:
+    shard: Shard = ONE_PROCESS,
+) -> Evaluation | None:
     """Every question the family can answer: generation (sample metrics, a sample grid),
     likelihood (held-out nats), prediction (OOD detection, classification by Bayes' rule),
     representation (linear probe, latent grids) and conditional generation (conditional accuracy,
-    per-class FID, a grid with one row per class)."""
+    per-class FID, a grid with one row per class).
+
+    Sampling, the costly part, is split over the processes of `shard`; rank 0 gathers the
+    samples, extracts their features once and computes every metric (other ranks: None)."""
     meta = read_meta(prepared_dir)
+    generated = generate(model, protocol, shard)
+    if generated is None:
+        return None
     splits = {name: load_split(prepared_dir, name, meta) for name in ("train", "val", "test")}
     test = splits["test"]
-    generated = generate(model, protocol)
     samples = generated.samples
     if samples.dtype != torch.uint8 or tuple(samples.shape[1:]) != meta.shape:
         raise ValueError(

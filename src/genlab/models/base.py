@@ -54,6 +54,10 @@ class GenerativeModule(L.LightningModule):
     likelihood: ClassVar[Likelihood] = "none"
     has_latent: ClassVar[bool] = False
     has_energy: ClassVar[bool] = False
+    # Whether a training step leaves some parameters without a gradient in a backward pass (a
+    # GAN's alternating updates): DDP must then look for unused parameters, which costs a graph
+    # traversal per step, so only such families ask for it.
+    ddp_find_unused_parameters: ClassVar[bool] = False
     # Default `max_epochs` and `batch_size` of the family's params section.
     training_defaults: ClassVar[dict[str, int]] = {"max_epochs": 50, "batch_size": 64}
 
@@ -92,6 +96,13 @@ class GenerativeModule(L.LightningModule):
         dropout) encodes without them."""
         return self.conditional
 
+    def divergence(self) -> str | None:
+        """Why training has diverged in a way a finite loss does not show (a GAN whose
+        discriminator wins outright, an EBM whose energies run away), else None. Called by the
+        trainer's finite check every few steps, where a host sync is paid anyway; the default
+        trusts the loss."""
+        return None
+
     def labels_for(self, y: torch.Tensor | None) -> torch.Tensor | None:
         """The labels the model conditions on: `y` for a conditional model, else None."""
         if not self.conditional:
@@ -126,7 +137,8 @@ class GenerativeModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if self.likelihood == "none" or self.val_nll.update_count == 0:
             return
-        nll = self.val_nll.compute()
-        self.log(nll_key("val", self.likelihood), nll, prog_bar=True)
-        self.log(bpd_key("val", self.likelihood), bits_per_dim(nll, self.dims))
+        nll = self.val_nll.compute()  # synced: the same value on every rank
+        # sync_dist averages identical values (exact), and tells Lightning they are global.
+        self.log(nll_key("val", self.likelihood), nll, prog_bar=True, sync_dist=True)
+        self.log(bpd_key("val", self.likelihood), bits_per_dim(nll, self.dims), sync_dist=True)
         self.val_nll.reset()

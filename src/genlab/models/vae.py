@@ -4,13 +4,18 @@ Kingma & Welling, *Auto-Encoding Variational Bayes* (2014). The decoder is a cat
 distribution over the L integer levels of every pixel and channel, so the ELBO (eq. 3) is a lower
 bound on log P(x) of the *discrete* image, comparable with every other family's likelihood.
 Conditional form (Sohn et al. 2015): the label, one-hot, enters both encoder and decoder.
+
+Networks: convolutional by default, an encoder that halves the image with stride-2 convolutions
+down to a 4x4 map (depth from the image size) before an MLP head, and a decoder that mirrors it
+with upsampling; the translation-equivariant networks give both a tighter bound and a latent that
+a linear probe reads the class from better than MLPs on the pixels. MLPs remain an option.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from typing import Annotated, ClassVar, NamedTuple
+from typing import Annotated, ClassVar, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -29,12 +34,26 @@ def mlp(sizes: list[int], dropout: float) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class Encoder(nn.Module):
-    """q(z | x, y) = N(mu, diag(exp(logvar)))."""
+Architecture = Literal["mlp", "conv"]
+
+# Stride-2 convolutions halve the image until its side is at most this (8x8 -> 4x4, 64 -> 4).
+CONV_MIN_SIZE = 4
+
+
+def conv_sizes(size: int) -> list[int]:
+    """Sides of the feature maps of the convolutional encoder, input first: [8, 4] for 8."""
+    sizes = [size]
+    while sizes[-1] > CONV_MIN_SIZE:
+        sizes.append((sizes[-1] + 1) // 2)  # a 3x3 stride-2 convolution with padding 1
+    return sizes
+
+
+class MLPEncoder(nn.Module):
+    """q(z | x, y) = N(mu, diag(exp(logvar))) from the flattened image."""
 
     def __init__(
         self,
-        in_dim: int,
+        image_shape: tuple[int, int, int],
         cond_dim: int,
         hidden_dim: int,
         num_layers: int,
@@ -42,15 +61,55 @@ class Encoder(nn.Module):
         dropout: float,
     ):
         super().__init__()
+        in_dim = math.prod(image_shape)
         self.net = mlp([in_dim + cond_dim] + [hidden_dim] * num_layers + [2 * latent_dim], dropout)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        h = x if c is None else torch.cat([x, c], dim=1)  # (B, D + K)
+        h = x.flatten(1)  # (B, D)
+        h = h if c is None else torch.cat([h, c], dim=1)  # (B, D + K)
         mu, logvar = self.net(h).chunk(2, dim=1)  # (B, Z) each
         return mu, logvar
 
 
-class Decoder(nn.Module):
+class ConvEncoder(nn.Module):
+    """q(z | x, y) from a convolutional feature map: at every resolution a 3x3 convolution, then a
+    stride-2 one that halves the side and doubles the channels, down to CONV_MIN_SIZE; then an MLP
+    head on the flattened features (and the label) gives mu and logvar."""
+
+    def __init__(
+        self,
+        image_shape: tuple[int, int, int],
+        cond_dim: int,
+        channels: int,
+        hidden_dim: int,
+        num_layers: int,
+        latent_dim: int,
+        dropout: float,
+    ):
+        super().__init__()
+        c, h, w = image_shape
+        layers: list[nn.Module] = [nn.Conv2d(c, channels, 3, padding=1), nn.LeakyReLU(0.2)]
+        ch = channels
+        sizes_h, sizes_w = conv_sizes(h), conv_sizes(w)
+        for _ in range(max(len(sizes_h), len(sizes_w)) - 1):
+            layers += [nn.Conv2d(ch, ch, 3, padding=1), nn.LeakyReLU(0.2)]
+            layers += [nn.Conv2d(ch, 2 * ch, 3, stride=2, padding=1), nn.LeakyReLU(0.2)]
+            ch *= 2
+        self.features = nn.Sequential(*layers)
+        with torch.no_grad():
+            flat = self.features(torch.zeros(1, c, h, w)).numel()
+        self.head = mlp(
+            [flat + cond_dim] + [hidden_dim] * (num_layers - 1) + [2 * latent_dim], dropout
+        )
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.features(x).flatten(1)  # (B, C', H', W') -> (B, F)
+        h = h if c is None else torch.cat([h, c], dim=1)  # (B, F + K)
+        mu, logvar = self.head(h).chunk(2, dim=1)  # (B, Z) each
+        return mu, logvar
+
+
+class MLPDecoder(nn.Module):
     """p(x | z, y): independent categoricals over L levels; returns logits (B, L, C, H, W)."""
 
     def __init__(
@@ -66,13 +125,52 @@ class Decoder(nn.Module):
         super().__init__()
         self.image_shape = image_shape
         self.levels = levels
-        dims = image_shape[0] * image_shape[1] * image_shape[2]
+        dims = math.prod(image_shape)
         self.net = mlp(
             [latent_dim + cond_dim] + [hidden_dim] * num_layers + [dims * levels], dropout
         )
 
     def forward(self, z: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
         h = z if c is None else torch.cat([z, c], dim=1)
+        return self.net(h).view(-1, self.levels, *self.image_shape)  # (B, L, C, H, W)
+
+
+class ConvDecoder(nn.Module):
+    """p(x | z, y) mirroring ConvEncoder: a linear map to the smallest feature map, then at
+    every resolution a nearest-neighbour upsampling and two 3x3 convolutions that halve the
+    channels; a final 3x3 convolution gives the logits (B, L, C, H, W)."""
+
+    def __init__(
+        self,
+        latent_dim: int,
+        cond_dim: int,
+        channels: int,
+        image_shape: tuple[int, int, int],
+        levels: int,
+    ):
+        super().__init__()
+        self.image_shape = image_shape
+        self.levels = levels
+        c, h, w = image_shape
+        sizes_h, sizes_w = conv_sizes(h), conv_sizes(w)
+        n = max(len(sizes_h), len(sizes_w)) - 1
+        sizes_h += [sizes_h[-1]] * (n + 1 - len(sizes_h))
+        sizes_w += [sizes_w[-1]] * (n + 1 - len(sizes_w))
+        ch = channels * 2**n
+        self.top = (ch, sizes_h[-1], sizes_w[-1])
+        self.stem = nn.Linear(latent_dim + cond_dim, math.prod(self.top))
+        layers: list[nn.Module] = [nn.LeakyReLU(0.2)]
+        for i in reversed(range(n)):
+            layers += [nn.Upsample(size=(sizes_h[i], sizes_w[i]), mode="nearest")]
+            layers += [nn.Conv2d(ch, ch // 2, 3, padding=1), nn.LeakyReLU(0.2)]
+            layers += [nn.Conv2d(ch // 2, ch // 2, 3, padding=1), nn.LeakyReLU(0.2)]
+            ch //= 2
+        layers.append(nn.Conv2d(ch, levels * c, 3, padding=1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+        h = z if c is None else torch.cat([z, c], dim=1)  # (B, Z + K)
+        h = self.stem(h).view(-1, *self.top)  # (B, C', H', W')
         return self.net(h).view(-1, self.levels, *self.image_shape)  # (B, L, C, H, W)
 
 
@@ -98,9 +196,12 @@ class VAE(GenerativeModule):
         levels: int,
         num_classes: int,
         latent_dim: Annotated[int, Ge(1)] = 48,  # size of z
-        hidden_dim: Annotated[int, Ge(1)] = 256,  # width of encoder and decoder MLPs
-        num_layers: Annotated[int, Ge(1)] = 2,  # hidden layers in each MLP
-        dropout: Annotated[float, Ge(0), Lt(1)] = 0.3,  # dropout after each hidden layer
+        encoder: Architecture = "conv",  # q(z | x): convolutions + an MLP head, or an MLP
+        decoder: Architecture = "conv",  # p(x | z): upsampling convolutions, or an MLP
+        channels: Annotated[int, Ge(1)] = 16,  # conv channels at full resolution (x2 per halving)
+        hidden_dim: Annotated[int, Ge(1)] = 256,  # width of the MLPs (and the conv encoder's head)
+        num_layers: Annotated[int, Ge(1)] = 2,  # hidden layers in each MLP (conv head: one less)
+        dropout: Annotated[float, Ge(0), Lt(1)] = 0.1,  # dropout after each hidden MLP layer
         conditional: bool = False,  # model p(x | y) instead of p(x)
         eval_samples: Annotated[int, Ge(1)] = 1000,  # IWAE k for held-out evaluation (1: ELBO)
         lr: Annotated[float, Gt(0)] = 1e-3,  # Adam learning rate
@@ -109,15 +210,24 @@ class VAE(GenerativeModule):
         super().__init__(image_shape=image_shape, levels=levels, num_classes=num_classes)
         self.save_hyperparameters(logger=False)  # genlab logs the resolved config itself
         cond_dim = num_classes if conditional else 0
-        self.encoder = Encoder(self.dims, cond_dim, hidden_dim, num_layers, latent_dim, dropout)
-        self.decoder = Decoder(
-            latent_dim, cond_dim, hidden_dim, num_layers, self.image_shape, levels, dropout
-        )
+        shape = self.image_shape
+        if encoder == "conv":
+            self.encoder = ConvEncoder(
+                shape, cond_dim, channels, hidden_dim, num_layers, latent_dim, dropout
+            )
+        else:
+            self.encoder = MLPEncoder(shape, cond_dim, hidden_dim, num_layers, latent_dim, dropout)
+        if decoder == "conv":
+            self.decoder = ConvDecoder(latent_dim, cond_dim, channels, shape, levels)
+        else:
+            self.decoder = MLPDecoder(
+                latent_dim, cond_dim, hidden_dim, num_layers, shape, levels, dropout
+            )
 
     # -- network inputs -------------------------------------------------------------------------
     def _scale(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 levels (B, C, H, W) -> floats in [-1, 1], flattened (B, D)."""
-        return (x.float() / (self.levels - 1) * 2 - 1).flatten(1)
+        """uint8 levels (B, C, H, W) -> floats in [-1, 1], (B, C, H, W)."""
+        return x.float() / (self.levels - 1) * 2 - 1
 
     def _onehot(self, y: torch.Tensor | None) -> torch.Tensor | None:
         return None if y is None else F.one_hot(y, self.num_classes).float()

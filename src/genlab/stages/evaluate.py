@@ -8,6 +8,7 @@ import torch
 
 from genlab import paths
 from genlab.config import Params
+from genlab.distributed import launch
 from genlab.evaluation.evaluate import evaluate_model
 from genlab.evaluation.grids import save_png
 from genlab.io import write_json_atomic
@@ -32,7 +33,7 @@ def write_grids(grids: dict[str, np.ndarray], folder: Path) -> list[Path]:
 def main(params: Params, family: str) -> None:
     model_dir = paths.family_model_dir(family)
     record = RunRecord.load(model_dir / RUN_FILE)
-    device = params.trainer.eval_device
+    shard, device = launch(params.trainer)  # processes as trainer.devices/num_nodes ask
     checkpoint = model_dir / MODEL_FILE
     model = MODELS[family].load_from_checkpoint(checkpoint, map_location=device, weights_only=True)
     # Metrics go in at the checkpoint's step, so the final val/... point sits on the training
@@ -45,7 +46,10 @@ def main(params: Params, family: str) -> None:
         protocol=params.evaluate,
         prediction=params.prediction,
         representation=params.representation,
+        shard=shard,
     )
+    if result is None:  # a rank that only sampled: rank 0 writes and logs
+        return
     figures = write_grids(result.grids, paths.family_figures(family))
     write_json_atomic(paths.family_metrics(family), result.metrics)
     protocol = {

@@ -13,5 +13,8 @@ def main(params: Params, family: str) -> None:
         out_dir=paths.family_model_dir(family),
         checkpoint_root=paths.family_checkpoints(family),
     )
-    run = f", MLflow run {result.run.run_id}" if result.run else ""
-    print(f"trained {family}: {result.epochs} epochs in {result.wall_s:.1f}s{run}")
+    if result.run is not None:  # the process that tracks (global rank 0) reports
+        print(
+            f"trained {family}: {result.epochs} epochs in {result.wall_s:.1f}s, "
+            f"MLflow run {result.run.run_id}"
+        )

@@ -1,0 +1,289 @@
+"""Tracking outages against a real `mlflow server`: fail fast at start, never stop training, lose
+nothing (the spool is replayed by `genlab sync` once the server is back)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+from torch.utils.data import DataLoader, TensorDataset
+
+import genlab.spool
+from genlab.cli import main as genlab_main
+from genlab.data.prepared import load_split, read_meta
+from genlab.errors import TrackingError
+from genlab.models.vae import VAE
+from genlab.spool import RECORDS, REJECTED, Spool, SpoolingMLFlowLogger
+from genlab.tracking import SHORT_HTTP_SETTINGS, check_reachable, short_http_retries
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """`mlflow server` on 127.0.0.1 with its SQLite store and artifacts in a folder; stop()
+    and start() again on the same port and store, as an outage and its end."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = _free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1"]
+        cmd += ["--port", str(self.port), "--workers", "1"]
+        cmd += ["--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}"]
+        cmd += ["--artifacts-destination", str(self.root / "artifacts")]
+        log = open(self.root / "server.log", "a")  # noqa: SIM115 (kept open by the server)
+        # No job-execution runner: one process less to start (and no huey folder in /dev/shm).
+        env = os.environ | {"OMP_NUM_THREADS": "1", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=1) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            assert self.proc.poll() is None, (self.root / "server.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "mlflow server did not start"
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)  # the server and its worker (own group)
+            self.proc.wait(timeout=30)
+        self.proc = None
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path):
+    server = MlflowServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_check_reachable_fails_fast_with_one_clear_line() -> None:
+    uri = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    start = time.monotonic()
+    with pytest.raises(TrackingError) as info:
+        check_reachable(uri, timeout_s=5.0)
+    assert time.monotonic() - start < 10
+    message = str(info.value)
+    assert "\n" not in message
+    assert uri in message and "refused" in message.lower()
+    assert "MLFLOW_TRACKING_URI" in message and "mlflow server" in message
+
+
+def test_check_reachable_sqlite_needs_a_writable_folder(tmp_path: Path) -> None:
+    check_reachable(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with pytest.raises(TrackingError, match="does not exist"):
+        check_reachable(f"sqlite:///{tmp_path / 'missing' / 'mlflow.db'}")
+
+
+def test_short_http_retries_are_scoped() -> None:
+    before = {name: os.environ.get(name) for name in SHORT_HTTP_SETTINGS}
+    with short_http_retries():
+        assert all(os.environ[k] == v for k, v in SHORT_HTTP_SETTINGS.items())
+    assert {name: os.environ.get(name) for name in SHORT_HTTP_SETTINGS} == before
+
+
+def _loader(prepared: Path, split: str) -> DataLoader:
+    data = load_split(prepared, split)
+    return DataLoader(TensorDataset(data.x, data.y), batch_size=250)
+
+
+def test_spool_replay_is_in_order_exactly_once_and_sets_refusals_aside(tmp_path: Path) -> None:
+    """Against a SQLite store (no server needed): original steps and timestamps, a line torn by a
+    crash skipped, a refused record set aside, and a replay redone after a crash (the cursor
+    lost) duplicates no metric value."""
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = client.create_run(client.create_experiment("spool")).info.run_id
+    client.log_param(run_id, "lr", "0.1")
+    unused = Spool(tmp_path / "unused")
+    unused.bind(client.tracking_uri, run_id)
+    assert not unused.path.exists()  # nothing failed, nothing written
+    spool = Spool(tmp_path / "spool")
+    spool.bind(client.tracking_uri, run_id)
+    for step in range(3):
+        spool.append(
+            {"kind": "metrics", "metrics": [["train/loss", 1.0 / (step + 1), 1000 + step, step]]}
+        )
+    with open(tmp_path / "spool" / RECORDS, "a") as f:
+        f.write('{"kind": "metr')  # a crash mid-append
+    spool.append({"kind": "params", "params": {"lr": "0.2"}})  # refused: params are immutable
+    spool.append(
+        {"kind": "image", "key": "samples", "step": 1, "timestamp": 5000},
+        np.zeros((4, 4, 3), np.uint8),
+    )
+    spool.append({"kind": "metrics", "metrics": [["train/loss", 0.1, 1003, 3]]})
+    spool.append({"kind": "terminated", "status": "FINISHED", "end_time": 6000})
+    saved = (tmp_path / "spool" / RECORDS).read_bytes()
+
+    counts = spool.replay(client)
+    assert (counts.metrics, counts.images, counts.status, counts.rejected) == (4, 1, 1, 1)
+    assert not spool.pending() and spool.replay(client).total == 0
+    history = client.get_metric_history(run_id, "train/loss")
+    assert [(m.step, m.timestamp) for m in sorted(history, key=lambda m: m.step)] == [
+        (0, 1000),
+        (1, 1001),
+        (2, 1002),
+        (3, 1003),
+    ]
+    assert client.get_run(run_id).data.params["lr"] == "0.1"
+    (refused,) = (tmp_path / "spool" / REJECTED).read_text().splitlines()
+    assert json.loads(refused)["params"] == {"lr": "0.2"}
+    assert client.get_run(run_id).info.end_time == 6000
+
+    # As if the cursor had never been written (a crash after the store accepted everything; the
+    # image's payload file is gone too): metric values are not duplicated, nothing blocks.
+    (tmp_path / "spool" / RECORDS).write_bytes(saved)
+    counts = spool.replay(client)
+    assert (counts.metrics, counts.rejected) == (4, 2) and not spool.pending()
+    assert len(client.get_metric_history(run_id, "train/loss")) == 4
+
+
+class StopServerAfterFirstEpoch(L.Callback):
+    """Logs a sample-grid-like image at each epoch end, then stops the server after epoch 1."""
+
+    def __init__(self, server: MlflowServer, logger: SpoolingMLFlowLogger) -> None:
+        self.server = server
+        self.logger = logger
+        self.images: list[int] = []
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        epoch = trainer.current_epoch + 1
+        self.logger.log_image(np.full((8, 8, 3), 40 * epoch, np.uint8), "samples", epoch)
+        self.images.append(epoch)
+        if epoch == 1:
+            self.server.stop()
+
+
+def test_outage_during_fit_is_spooled_and_synced_after_restart(
+    tmp_path: Path,
+    mlflow_server: MlflowServer,
+    prepared_digits: Path,
+    tiny_vae_kwargs: dict,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    client = MlflowClient(mlflow_server.uri)
+    run_id = client.create_run(client.create_experiment("outage")).info.run_id
+    spool_dir = tmp_path / "checkpoints/vae/abc123/spool"
+    logger = SpoolingMLFlowLogger(
+        tracking_uri=mlflow_server.uri, run_id=run_id, spool_dir=spool_dir
+    )
+    logger.log_hyperparams({"model": {"hidden_dim": 8}, "seed": 0})
+    meta = read_meta(prepared_digits)
+    model = VAE(
+        image_shape=meta.shape,
+        levels=meta.levels,
+        num_classes=meta.num_classes,
+        eval_samples=2,
+        **tiny_vae_kwargs,
+    )
+    outage = StopServerAfterFirstEpoch(mlflow_server, logger)
+    trainer = L.Trainer(
+        max_epochs=3,
+        accelerator="cpu",
+        devices=1,
+        logger=logger,
+        callbacks=[outage],
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    L.seed_everything(0)
+    with caplog.at_level(logging.WARNING, logger="genlab.spool"):
+        trainer.fit(model, _loader(prepared_digits, "train"), _loader(prepared_digits, "val"))
+    fit_done_ms = int(time.time() * 1000)
+
+    # Training finished despite the outage; the spool holds epochs 2-3 and the final status.
+    assert trainer.current_epoch == 3 and trainer.global_step == 12
+    spool = Spool(spool_dir)
+    records = spool.pending_records()
+    spooled_steps = {
+        step for r in records if r["kind"] == "metrics" for k, _, _, step in r["metrics"]
+    }
+    assert set(range(4, 12)) <= spooled_steps
+    assert [r["step"] for r in records if r["kind"] == "image"] == [2, 3]
+    assert records[-1]["kind"] == "terminated" and records[-1]["status"] == "FINISHED"
+    warnings = [r.getMessage() for r in caplog.records if r.name == "genlab.spool"]
+    assert sum("unreachable (" in w for w in warnings) == 1, warnings  # once per outage
+    assert all(str(spool_dir) in w and "genlab sync" in w for w in warnings)
+
+    # Server still down: sync fails with one line, exit 1, and leaves the spool as it was.
+    before = (spool_dir / RECORDS).read_bytes()
+    assert genlab_main(["sync", str(spool_dir)]) == 1
+    assert (spool_dir / RECORDS).read_bytes() == before
+
+    mlflow_server.start()
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "genlab.cli", "sync", str(spool_dir)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"run {run_id}: replayed" in done.stdout and "2 images" in done.stdout
+    assert not spool.pending() and not (spool_dir / "rejected.jsonl").exists()
+
+    # Every optimizer step's train/loss is in the run, with the time it was logged at.
+    history = client.get_metric_history(run_id, "train/loss")
+    assert sorted(m.step for m in history) == list(range(trainer.global_step))
+    assert all(m.timestamp <= fit_done_ms for m in history)
+    images = [a.path for a in client.list_artifacts(run_id, "images")]
+    pngs = [p for p in images if p.endswith(".png")]  # each image also has a .webp thumbnail
+    assert sorted(p.split("+step+")[1].split("+")[0] for p in pngs) == ["1", "2", "3"]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.info.end_time <= fit_done_ms
+    assert run.data.params["model/hidden_dim"] == "8"
+
+    # A second sync finds nothing to do and changes nothing.
+    assert genlab_main(["sync", str(tmp_path / "checkpoints")]) == 0
+    assert len(client.get_metric_history(run_id, "train/loss")) == len(history)
+    assert len(client.list_artifacts(run_id, "images")) == len(images)
+    assert json.loads((spool_dir / "spool.json").read_text())["run_id"] == run_id
+
+    # A hung server (stopped, not gone): a call gives up within seconds, the next ones are spooled
+    # without waiting, and after the backoff the spool is replayed and logging goes direct again.
+    monkeypatch.setattr(genlab.spool, "RETRY_AFTER_S", 1.0)
+    os.killpg(mlflow_server.proc.pid, signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        logger.log_metrics({"hung": 1.0}, step=0)
+        first_s = time.monotonic() - start
+        start = time.monotonic()
+        logger.log_metrics({"hung": 2.0}, step=1)
+        second_s = time.monotonic() - start
+    finally:
+        os.killpg(mlflow_server.proc.pid, signal.SIGCONT)
+    assert first_s < 10 and second_s < 0.5, (first_s, second_s)
+    assert [r["kind"] for r in spool.pending_records()] == ["metrics", "metrics"]
+    time.sleep(1.0)
+    logger.log_metrics({"hung": 3.0}, step=2)
+    assert not spool.pending()
+    assert sorted(m.step for m in client.get_metric_history(run_id, "hung")) == [0, 1, 2]
