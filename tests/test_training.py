@@ -119,6 +119,20 @@ def test_sample_grids_logged_during_training_land_in_the_mlflow_run(
     assert len([p for p in grids if "compressed" not in p]) == 2, images
 
 
+def _tiny_params(family: str, tiny: dict, tmp: Path, *, max_epochs: int, log_every_n_steps: int):
+    """`family` alone, tiny, batches of 250 (4 steps per epoch), its own SQLite store in `tmp`."""
+    return parse_params(
+        {
+            "families": [family],
+            "trainer": {"sample_every_n_epochs": 1000, "log_every_n_steps": log_every_n_steps},
+            "models": {
+                family: tiny.get(family, {}) | {"max_epochs": max_epochs, "batch_size": 250}
+            },
+            "tracking": {"uri": f"sqlite:///{tmp / 'mlflow.db'}"},
+        }
+    )
+
+
 class KillAt(Callback):
     """Sends this process SIGTERM as a pre-empting scheduler would, once `global_step` is `step`:
     in the middle of a training batch (the batch finishes, genlab checkpoints it, the fit stops),
@@ -177,15 +191,8 @@ def test_resume_after_a_kill_is_bit_identical(
     and every other buffer included), optimiser state and step counters are equal bit for bit,
     and the run logged every training step."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    params = parse_params(
-        {
-            "families": [family],
-            "trainer": {"sample_every_n_epochs": 1000, "log_every_n_steps": 1},
-            # 1000 images / 250 = 4 steps per epoch; the kill lands in the second epoch.
-            "models": {family: tiny.get(family, {}) | {"max_epochs": 2, "batch_size": 250}},
-            "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
-        }
-    )
+    # 1000 images / 250 = 4 steps per epoch; the kill lands in the second epoch.
+    params = _tiny_params(family, tiny, tmp_path, max_epochs=2, log_every_n_steps=1)
 
     def train(name: str, *callbacks: Callback):
         return train_family(
@@ -258,14 +265,7 @@ def test_a_nan_loss_or_divergence_stops_training_and_keeps_the_last_good_checkpo
     monkeypatch,
 ) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    params = parse_params(
-        {
-            "families": [family],
-            "trainer": {"sample_every_n_epochs": 1000, "log_every_n_steps": 50},
-            "models": {family: tiny.get(family, {}) | {"max_epochs": 3, "batch_size": 250}},
-            "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
-        }
-    )
+    params = _tiny_params(family, tiny, tmp_path, max_epochs=3, log_every_n_steps=50)
     with pytest.raises(TrainingDiverged, match=message) as error:
         train_family(
             params,

@@ -57,6 +57,11 @@ class TrainerParams(Strict):
     sample_grid_size: Annotated[int, Field(ge=1, le=256)] = 64
 
     @property
+    def multi_process(self) -> bool:
+        """Whether training and evaluation run as DDP processes (or may: devices "auto")."""
+        return self.strategy == "ddp" or self.devices != 1 or self.num_nodes > 1
+
+    @property
     def eval_device(self) -> torch.device:
         """Where evaluation and scoring run: the GPU when asked for and present, else the CPU."""
         if self.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():

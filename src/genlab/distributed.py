@@ -47,12 +47,11 @@ ONE_PROCESS = Shard()
 
 def launch(tp: TrainerParams) -> tuple[Shard, torch.device]:
     """Start (or join) the processes `tp` asks for; this process's shard and device."""
-    multi = tp.strategy == "ddp" or tp.devices != 1 or tp.num_nodes > 1
     fabric = Fabric(
         accelerator=tp.accelerator,
         devices=tp.devices,
         num_nodes=tp.num_nodes,
-        strategy="ddp" if multi else "auto",
+        strategy="ddp" if tp.multi_process else "auto",
     )
     fabric.launch()
     return Shard(fabric.global_rank, fabric.world_size), fabric.device

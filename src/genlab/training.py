@@ -264,7 +264,7 @@ def _open_run(params: Params, family: str, ckpt_dir: Path, tags: dict[str, str])
 def strategy(tp: TrainerParams, model: GenerativeModule) -> str | DDPStrategy:
     """Lightning's strategy for `tp`: DDP, told whether the family leaves parameters unused,
     whenever more than one process may train; else Lightning's choice."""
-    if tp.strategy == "ddp" or tp.devices != 1 or tp.num_nodes > 1:
+    if tp.multi_process:
         return DDPStrategy(find_unused_parameters=model.ddp_find_unused_parameters)
     return "auto"
 
