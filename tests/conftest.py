@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from genlab.config import DatasetParams
 from genlab.data.prepared import prepare
 from genlab.models import GenerativeModule
 
@@ -24,7 +25,7 @@ def _one_thread() -> None:
 def prepared_digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The embedded digits, prepared once per session (read-only for tests: copy to modify)."""
     out = tmp_path_factory.mktemp("digits") / "prepared"
-    prepare("digits", out)
+    prepare(DatasetParams(), out)
     return out
 
 

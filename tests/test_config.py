@@ -49,7 +49,7 @@ BAD_PARAMS = [
     ("duplicate-family", "families: [vae, vae]\n", "families"),
     ("empty-families", "families: []\n", "families"),
     ("missing-families", "seed: 0\n", "families"),
-    ("unknown-dataset", "families: [vae]\ndataset:\n  name: mnist\n", "dataset.name"),
+    ("unknown-dataset", "families: [vae]\ndataset:\n  name: imagenet\n", "dataset.name"),
 ]
 # Errors that are not about one key: (id, text, what the line must say instead).
 BAD_FILES = [

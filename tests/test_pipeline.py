@@ -6,12 +6,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import psutil  # a dependency of dvc's
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -23,55 +27,8 @@ from genlab.models import MODELS
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin: dvc and genlab live here
 
-TINY = {
-    "trainer": {"sample_every_n_epochs": 1, "sample_grid_size": 16, "log_every_n_steps": 5},
-    "evaluator": {"max_epochs": 2, "width": 8, "feature_dim": 16},
-    "models": {
-        "pixelcnn": {"max_epochs": 2, "batch_size": 100, "channels": 8, "num_layers": 2},
-        "flow": {
-            "max_epochs": 2,
-            "batch_size": 100,
-            "hidden_channels": 8,
-            "steps_per_scale": 1,
-            "max_scales": 2,
-            "eval_samples": 4,
-        },
-        "vae": {
-            "max_epochs": 2,
-            "batch_size": 100,
-            "latent_dim": 4,
-            "hidden_dim": 32,
-            "eval_samples": 8,
-        },
-        "gan": {"max_epochs": 2, "batch_size": 100, "latent_dim": 8, "channels": 8},
-        "ebm": {
-            "max_epochs": 2,
-            "batch_size": 100,
-            "width": 8,
-            "langevin_steps": 3,
-            "sample_steps": 3,
-            "buffer_size": 200,
-        },
-        "diffusion": {
-            "max_epochs": 2,
-            "batch_size": 100,
-            "channels": 8,
-            "timesteps": 50,
-            "sample_steps": 5,
-            "eval_samples": 4,
-        },
-    },
-    "evaluate": {
-        "num_samples": 60,
-        "batch_size": 30,
-        "kid_subset_size": 20,
-        "kid_subsets": 5,
-        "isc_splits": 2,
-    },
-    # Two OOD sets keep the evaluate stages short (conditional families score every class).
-    "prediction": {"bound_samples": 2, "ood_sets": ["noise", "natural"]},
-    "representation": {"interpolation_pairs": 3, "interpolation_steps": 4, "traversal_dims": 2},
-}
+# The CI profile (what .github/workflows/train.yml trains): every family, tiny.
+TINY = yaml.safe_load((REPO / "ci/params.yaml").read_text())
 
 
 def _merge(base: dict, override: dict) -> dict:
@@ -141,22 +98,43 @@ def dvc_outputs(dvc_yaml: dict, families: list[str]) -> list[Path]:
     return found
 
 
-def make_repo(root: Path) -> Path:
-    """A git repository at `root` holding this project's files with tiny params."""
+def make_repo(root: Path, override: dict | None = None) -> Path:
+    """A git repository at `root` holding this project's files with tiny params (and then
+    `override` merged over them)."""
     for name in _tracked_files():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, root / name)
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    (root / "params.yaml").write_text(yaml.safe_dump(_merge(params, TINY), sort_keys=False))
+    params = _merge(yaml.safe_load((REPO / "params.yaml").read_text()), TINY)
+    params = _merge(params, override or {})
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q"], root)
     run(["git", "add", "-A"], root)
     run(["git", "commit", "-q", "-m", "baseline"], root)
     return root
 
 
+def write_image_folder(root: Path) -> Path:
+    """A folder dataset in the format users bring: one sub-folder of PNG files per class (here
+    the digits, each class tinted its own colour, as RGB images)."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    tints = np.array([[1.0, 0.2 + 0.08 * k, 1.0 - 0.09 * k] for k in range(10)])  # (10, 3)
+    for i, (image, label) in enumerate(zip(digits.images, digits.target, strict=True)):
+        rgb = (image[..., None] / 16 * tints[label] * 255).round().astype(np.uint8)  # (8, 8, 3)
+        (root / f"class_{label}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rgb).save(root / f"class_{label}" / f"{i:04d}.png")
+    return root
+
+
 @pytest.fixture(scope="module")
 def repo_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_repo(tmp_path_factory.mktemp("genlab-repo"))
+    """The repository on the CI profile, with a folder of RGB images as its dataset (outside the
+    repository, so `dvc exp run --temp` sees it too)."""
+    images = write_image_folder(tmp_path_factory.mktemp("images") / "tinted")
+    dataset = {"name": "folder", "path": str(images), "image_size": 8, "channels": 3}
+    return make_repo(tmp_path_factory.mktemp("genlab-repo"), {"dataset": dataset})
 
 
 def test_dvc_yaml_outputs_match_library_paths() -> None:
@@ -164,6 +142,7 @@ def test_dvc_yaml_outputs_match_library_paths() -> None:
     declared = set(dvc_outputs(dvc_yaml, ["vae"]))
     expected = {
         paths.PREPARED,
+        paths.REFERENCE,
         paths.EVALUATOR,
         paths.EVALUATOR_METRICS,
         paths.family_model_dir("vae"),
@@ -213,12 +192,13 @@ def test_repro_then_experiment_lands_in_one_store(repo_copy: Path) -> None:
     for out in dvc_outputs(yaml.safe_load((root / "dvc.yaml").read_text()), families):
         assert (root / out).exists(), f"dvc repro did not produce {out}"
     meta = json.loads((root / "data/prepared/meta.json").read_text())
+    assert (meta["dataset"], meta["shape"], meta["levels"]) == ("folder", [3, 8, 8], 256)
     metrics = json.loads((root / "metrics/vae.json").read_text())
     for key in ("eval/fid", "eval/kid_mean", "eval/precision", "eval/recall", "eval/isc_mean"):
         assert key in metrics
     assert metrics["test/nll_bound_nats"] > 0
     assert metrics["test/bpd_bound"] == pytest.approx(
-        metrics["test/nll_bound_nats"] / (64 * 0.6931471805599453)
+        metrics["test/nll_bound_nats"] / (3 * 8 * 8 * 0.6931471805599453)
     )
     real = json.loads((root / "reports/real_data.json").read_text())
     assert real["eval/fid"] < metrics["eval/fid"]
@@ -227,7 +207,7 @@ def test_repro_then_experiment_lands_in_one_store(repo_copy: Path) -> None:
 
     # The MLflow store at the repository root holds one run for the family, complete.
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("digits")
+    experiment = client.get_experiment_by_name("folder-tinted")
     assert experiment is not None
     assert experiment.artifact_location == (root / "mlartifacts").as_uri()
     runs = client.search_runs([experiment.experiment_id], "tags.family = 'vae'")
@@ -248,6 +228,9 @@ def test_repro_then_experiment_lands_in_one_store(repo_copy: Path) -> None:
     (test_point,) = client.get_metric_history(run_.info.run_id, "test/nll_bound_nats")
     assert test_point.step > 0
     assert metrics["test/nll_bound_nats"] <= metrics["test/nll_bound_k1_nats"]  # IWAE-8 >= ELBO
+    protocol = metrics.pop("protocol")  # strings and integers: tags, not MLflow metrics
+    assert protocol == real["protocol"] and protocol["extractor"] == "genlab-evaluator"
+    assert run_.data.tags["eval.protocol.id"] == protocol["id"]
     for key, value in metrics.items():
         assert run_.data.metrics[key] == pytest.approx(value), key
     artifacts = {a.path for a in client.list_artifacts(run_.info.run_id)}
@@ -317,6 +300,63 @@ def test_repro_then_experiment_lands_in_one_store(repo_copy: Path) -> None:
     run(["dvc", "exp", "apply", "small-z"], root)
     diff = json.loads(run(["dvc", "metrics", "diff", "--json"], root))
     assert "eval/fid" in diff["metrics/vae.json"]
+
+
+def test_a_killed_training_is_not_recorded_and_the_next_repro_resumes_it(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """SIGTERM to the training process of a real `dvc repro` (what a pre-empting scheduler
+    sends): dvc fails, records nothing for the stage, and the next `dvc repro` resumes the
+    kept checkpoint into the same MLflow run and finishes."""
+    epochs = 150  # 2 steps each: long enough to be caught mid-training
+    override = {
+        "families": ["vae"],
+        "trainer": {"log_every_n_steps": 1},
+        "models": {"vae": {"max_epochs": epochs, "batch_size": 500}},
+    }
+    root = make_repo(tmp_path_factory.mktemp("genlab-sigterm"), override)
+    (root / "dvc.lock").unlink()  # the copied lock records the repository's own runs
+    repro = subprocess.Popen(
+        ["dvc", "repro", "train@vae"],
+        cwd=root,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 180
+    while not list(root.glob("checkpoints/vae/*/last.ckpt")):
+        assert repro.poll() is None, repro.communicate()[0]
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.2)
+    (training,) = [
+        p for p in psutil.Process(repro.pid).children(recursive=True) if "train" in p.cmdline()
+    ]
+    training.send_signal(signal.SIGTERM)
+    output, _ = repro.communicate(timeout=120)
+
+    assert repro.returncode != 0, output
+    assert "received SIGTERM" in output
+    stages = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    assert "prepare" in stages and "train@vae" not in stages
+    assert not (root / "models/vae").exists()
+    (ckpt_dir,) = (root / "checkpoints/vae").iterdir()
+    run_id = json.loads((ckpt_dir / "run.json").read_text())["run_id"]
+    kept = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=True)["global_step"]
+
+    run(["dvc", "repro", "train@vae"], root)
+    stages = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    assert "train@vae" in stages
+    assert json.loads((root / "models/vae/run.json").read_text())["run_id"] == run_id
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("digits")
+    (run_,) = client.search_runs([experiment.experiment_id], "tags.family = 'vae'")
+    assert run_.info.run_id == run_id and run_.info.status == "FINISHED"
+    steps = sorted(m.step for m in client.get_metric_history(run_id, "train/loss"))
+    assert set(steps) == set(range(2 * epochs))
+    # Resumed, not restarted: only steps after the kept checkpoint were trained twice.
+    assert kept > 0 and all(s >= kept for s in steps if steps.count(s) > 1), kept
+    assert "Running stage" not in run(["dvc", "repro", "train@vae"], root)
 
 
 @pytest.mark.slow

@@ -7,11 +7,9 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import lightning as L
@@ -28,61 +26,21 @@ from genlab.models.vae import VAE
 from genlab.spool import RECORDS, REJECTED, Spool, SpoolingMLFlowLogger
 from genlab.tracking import SHORT_HTTP_SETTINGS, check_reachable, short_http_retries
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class MlflowServer:
-    """`mlflow server` on 127.0.0.1 with its SQLite store and artifacts in a folder; stop()
-    and start() again on the same port and store, as an outage and its end."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.port = _free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout_s: float = 60.0) -> None:
-        cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1"]
-        cmd += ["--port", str(self.port), "--workers", "1"]
-        cmd += ["--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}"]
-        cmd += ["--artifacts-destination", str(self.root / "artifacts")]
-        log = open(self.root / "server.log", "a")  # noqa: SIM115 (kept open by the server)
-        # No job-execution runner: one process less to start (and no huey folder in /dev/shm).
-        env = os.environ | {"OMP_NUM_THREADS": "1", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env, start_new_session=True)
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=1) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass
-            assert self.proc.poll() is None, (self.root / "server.log").read_text()[-2000:]
-            assert time.monotonic() < deadline, "mlflow server did not start"
-            time.sleep(0.2)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)  # the server and its worker (own group)
-            self.proc.wait(timeout=30)
-        self.proc = None
+# The team server script, started as users start it; stop() and start() again: an outage.
+from test_server import TrackingServer as MlflowServer
+from test_server import free_port
 
 
 @pytest.fixture
 def mlflow_server(tmp_path: Path):
-    server = MlflowServer(tmp_path)
+    server = MlflowServer(tmp_path / "server")
     server.start()
     yield server
     server.stop()
 
 
 def test_check_reachable_fails_fast_with_one_clear_line() -> None:
-    uri = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     start = time.monotonic()
     with pytest.raises(TrackingError) as info:
         check_reachable(uri, timeout_s=5.0)

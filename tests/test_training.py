@@ -16,10 +16,11 @@ import yaml
 from lightning.pytorch.callbacks import Callback
 from mlflow.tracking import MlflowClient
 
-from genlab.config import parse_params
+from genlab.config import DatasetParams, parse_params
 from genlab.data.prepared import prepare
 from genlab.errors import TrainingDiverged, TrainingInterrupted
 from genlab.models import MODELS
+from genlab.models.ebm import ENERGY_GAP_STEPS
 from genlab.models.gan import D_WIN_STEPS
 from genlab.training import MODEL_FILE, train_family
 
@@ -41,7 +42,7 @@ def _env(tmp: Path) -> dict[str, str]:
 
 
 def test_sigterm_exits_nonzero_writes_nothing_final_and_resume_finishes(tmp_path: Path) -> None:
-    prepare("digits", tmp_path / "data/prepared")
+    prepare(DatasetParams(), tmp_path / "data/prepared")
     _params(tmp_path, max_epochs=150)
     proc = subprocess.Popen(
         [*GENLAB, "train", "vae"],
@@ -247,12 +248,25 @@ class DiscriminatorWinsAt(Callback):
             pl_module.d_win_streak.fill_(D_WIN_STEPS)
 
 
+class EnergyGapAt(Callback):
+    """Makes the EBM's own divergence statistic report chain samples that have stayed far above
+    the data's energy for ENERGY_GAP_STEPS steps (the loss stays finite)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            pl_module.gap_streak.fill_(ENERGY_GAP_STEPS)
+
+
 @pytest.mark.parametrize(
     ("family", "fault", "message"),
     [
         ("vae", PoisonAt(5), r"NaN/Inf at step 5 \(epoch 1\)"),
         ("gan", PoisonAt(5), r"NaN/Inf at step 5 \(epoch 1\)"),
         ("gan", DiscriminatorWinsAt(8), r"discriminator loss stayed below"),
+        ("ebm", EnergyGapAt(8), r"energy gap E\(x-\) - E\(x\+\) stayed above"),
     ],
 )
 def test_a_nan_loss_or_divergence_stops_training_and_keeps_the_last_good_checkpoint(

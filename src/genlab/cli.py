@@ -19,6 +19,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("prepare", help="dataset -> data/prepared")
     sub.add_parser("evaluator", help="train the evaluation classifier")
+    sub.add_parser(
+        "reference", help="the real data's features for the sample metrics -> data/reference"
+    )
     for name, text in (("train", "train one family"), ("evaluate", "evaluate one family")):
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("family", choices=sorted(MODELS))
@@ -83,6 +86,10 @@ def run(args: argparse.Namespace) -> None:
         from genlab.stages import evaluator
 
         evaluator.main(params)
+    elif args.command == "reference":
+        from genlab.stages import reference
+
+        reference.main(params)
     elif args.command == "train":
         from genlab.stages import train
 

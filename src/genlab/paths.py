@@ -6,6 +6,9 @@
 from pathlib import Path
 
 PREPARED = Path("data/prepared")
+# The real data's features under the current protocol: <features id>.pt (DVC's cache keeps
+# those of other protocols).
+REFERENCE = Path("data/reference")
 EVALUATOR = Path("models/evaluator.pt")
 EVALUATOR_METRICS = Path("metrics/evaluator.json")
 METRICS_DIR = Path("metrics")

@@ -11,6 +11,7 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
+from genlab.config import DatasetParams
 from genlab.data.datamodule import PreparedDataModule
 from genlab.data.prepared import SPLITS, load_split, prepare, read_meta, split_sha256
 from genlab.errors import DataError
@@ -73,7 +74,7 @@ def test_meta_json_fields(prepared_digits: Path) -> None:
 def test_hashes_are_of_contents_and_stable_across_prepares(
     prepared_digits: Path, splits: dict, tmp_path: Path
 ) -> None:
-    again = prepare("digits", tmp_path / "elsewhere")
+    again = prepare(DatasetParams(), tmp_path / "elsewhere")
     assert again.to_json() == read_meta(prepared_digits).to_json()
     for name, split in splits.items():
         assert split_sha256(split) == EXPECTED_SHA256[name]
@@ -111,7 +112,7 @@ def test_prepare_replaces_an_existing_dir_and_leaves_no_temp_dirs(tmp_path: Path
     out.mkdir(parents=True)
     (out / "stale.pt").write_bytes(b"old")
     (out / "meta.json").write_text("{}")
-    prepare("digits", out)
+    prepare(DatasetParams(), out)
     assert sorted(p.name for p in out.iterdir()) == ["meta.json", "test.pt", "train.pt", "val.pt"]
     assert [p.name for p in out.parent.iterdir()] == ["prepared"]
     assert read_meta(out).data_sha256 == EXPECTED_DATA_SHA256

@@ -75,6 +75,7 @@ def test_train_evaluator_writes_documented_file(trained_evaluator) -> None:
         "width": 16,
         "feature_dim": 32,
         "dropout": 0.2,
+        "image_size": 8,
     }
     assert blob["dataset_sha256"] == read_meta(prepared).data_sha256
     assert blob["val_accuracy"] == result.val_accuracy

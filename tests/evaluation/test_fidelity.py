@@ -2,22 +2,37 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
 import torch
+import torch_fidelity
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from genlab.config import EvaluateParams
-from genlab.data.prepared import load_split
+from genlab.data.prepared import load_split, read_meta
+from genlab.errors import DataError, GenlabError
+from genlab.evaluation.evaluate import generation_metrics
 from genlab.evaluation.evaluator import Classifier, load_classifier, save_evaluator
 from genlab.evaluation.fidelity import (
     EXTRACTOR_NAME,
     EvaluatorFeatureExtractor,
+    Reference,
     SampleMetrics,
+    _Images,
+    check_protocols,
+    class_fid,
     classifier_accuracy,
+    compute_reference,
+    evaluator_outputs,
+    extract_features,
+    floor_metrics,
+    load_reference,
+    measurement,
     register_extractor,
     sample_metrics,
+    save_reference,
 )
 
 PROTOCOL = EvaluateParams(kid_subsets=20)
@@ -156,3 +171,170 @@ def test_classifier_accuracy_is_a_count(random_evaluator: Path, digits_test: tor
     assert classifier_accuracy(random_evaluator, x, net(x)[1].argmax(1)) == 1.0
     with pytest.raises(ValueError, match="int64"):
         classifier_accuracy(random_evaluator, x, y.int())
+
+
+# ---------------------------------------------------------------- features once, then metrics
+
+
+def test_from_features_equals_one_calculate_metrics_call(
+    trained_evaluator, digits_test: torch.Tensor
+) -> None:
+    """The cached-features path gives the numbers of a direct torch-fidelity call (what the
+    evaluate stage computed before features were cached), to float tolerance."""
+    evaluator = trained_evaluator.path
+    generated = load_split(trained_evaluator.prepared_dir, "train").x[:300]
+    new = sample_metrics(generated, digits_test, evaluator, protocol=PROTOCOL)
+    register_extractor()
+    direct = torch_fidelity.calculate_metrics(
+        input1=_Images(generated),
+        input2=_Images(digits_test),
+        fid=True,
+        kid=True,
+        prc=True,
+        isc=True,
+        feature_extractor=EXTRACTOR_NAME,
+        feature_extractor_weights_path=str(evaluator),
+        kid_subset_size=PROTOCOL.kid_subset_size,
+        kid_subsets=PROTOCOL.kid_subsets,
+        prc_neighborhood=PROTOCOL.prc_neighborhood,
+        isc_splits=PROTOCOL.isc_splits,
+        batch_size=PROTOCOL.batch_size,
+        cuda=False,
+        cache=False,
+        verbose=False,
+        rng_seed=PROTOCOL.seed,
+        save_cpu_ram=True,
+    )
+    expected = {
+        "fid": torch_fidelity.KEY_METRIC_FID,
+        "kid_mean": torch_fidelity.KEY_METRIC_KID_MEAN,
+        "kid_std": torch_fidelity.KEY_METRIC_KID_STD,
+        "precision": torch_fidelity.KEY_METRIC_PRECISION,
+        "recall": torch_fidelity.KEY_METRIC_RECALL,
+        "f_score": torch_fidelity.KEY_METRIC_F_SCORE,
+        "isc_mean": torch_fidelity.KEY_METRIC_ISC_MEAN,
+        "isc_std": torch_fidelity.KEY_METRIC_ISC_STD,
+    }
+    assert new.fid > 0.01 and new.isc_mean > 1.1  # real numbers, not two empty ones
+    for ours, theirs in expected.items():
+        assert getattr(new, ours) == pytest.approx(direct[theirs], rel=1e-9, abs=1e-12), ours
+
+
+def test_conditional_metrics_from_the_same_features(
+    trained_evaluator, digits_test: torch.Tensor
+) -> None:
+    """Conditional accuracy and per-class FID from the one extraction equal what the evaluator
+    applied separately gives (the evaluate stage's former second pass)."""
+    evaluator, prepared_digits = trained_evaluator.path, trained_evaluator.prepared_dir
+    meta = read_meta(prepared_digits)
+    samples = load_split(prepared_digits, "train").x[:200]
+    labels = torch.arange(200) % 10
+    test_y = load_split(prepared_digits, "test").y
+    extractor, protocol = measurement(PROTOCOL, evaluator, meta)
+    reference = Reference(
+        key=protocol.features_key(),
+        test=extract_features(digits_test, extractor, batch_size=PROTOCOL.batch_size),
+        floor=extract_features(samples[:4], extractor, batch_size=PROTOCOL.batch_size),
+    )
+    got = generation_metrics(
+        samples,
+        labels,
+        extractor=extractor,
+        reference=reference,
+        reference_y=test_y,
+        evaluator_path=evaluator,
+        protocol=PROTOCOL,
+        num_classes=10,
+    )
+    kw = {"batch_size": PROTOCOL.batch_size}
+    gen_features, gen_logits = evaluator_outputs(evaluator, samples, **kw)
+    test_features, _ = evaluator_outputs(evaluator, digits_test, **kw)
+    per_class = class_fid(gen_features, labels, test_features, test_y, 10)
+    assert got["eval/cond_acc"] == float((gen_logits.argmax(1) == labels).double().mean())
+    for k, v in per_class.items():
+        assert got[f"eval/class_fid_{k}"] == pytest.approx(v, rel=1e-9), k
+    assert got["eval/class_fid_mean"] == pytest.approx(sum(per_class.values()) / len(per_class))
+    assert got["eval/fid"] == pytest.approx(
+        sample_metrics(samples, digits_test, evaluator, protocol=PROTOCOL).fid, rel=1e-9
+    )
+
+
+# ---------------------------------------------------------------- the protocol
+
+
+def test_protocol_names_everything_a_number_depends_on(
+    random_evaluator: Path, prepared_digits: Path
+) -> None:
+    meta = read_meta(prepared_digits)
+    _, protocol = measurement(PROTOCOL, random_evaluator, meta)
+    record = protocol.as_dict()
+    assert all(isinstance(v, (str, int)) for v in record.values()), record
+    assert record["extractor"] == EXTRACTOR_NAME
+    assert record["weights_sha256"] == hashlib.sha256(random_evaluator.read_bytes()).hexdigest()
+    assert record["resize"] == "none"
+    assert record["reference_split"] == "test" and record["floor_split"] == "train"
+    assert record["data_sha256"] == meta.data_sha256
+    assert (record["num_samples"], record["kid_subset_size"]) == (1000, 200)
+    assert record["id"] == protocol.id and len(protocol.id) == 16
+
+    # Every setting moves the id; only what the real data's features depend on moves their key.
+    for change, moves_features in (
+        ({"kid_subsets": 21}, False),
+        ({"kid_subset_size": 100}, False),
+        ({"seed": 1}, False),
+        ({"isc_splits": 5}, False),
+        ({"prc_neighborhood": 5}, False),
+        ({"num_samples": 999}, True),
+    ):
+        other = measurement(PROTOCOL.model_copy(update=change), random_evaluator, meta).protocol
+        assert other.id != protocol.id, change
+        assert (other.features_id != protocol.features_id) == moves_features, change
+    assert measurement(PROTOCOL, random_evaluator, meta).protocol == protocol  # deterministic
+
+
+def test_check_protocols_refuses_other_or_missing_protocols(
+    random_evaluator: Path, prepared_digits: Path
+) -> None:
+    meta = read_meta(prepared_digits)
+    _, protocol = measurement(PROTOCOL, random_evaluator, meta)
+    check_protocols({"metrics/a.json": protocol.as_dict()}, protocol)  # the same: fine
+    other = measurement(PROTOCOL.model_copy(update={"num_samples": 500}), random_evaluator, meta)
+    with pytest.raises(GenlabError, match=r"metrics/b\.json .*num_samples 500 \(want 1000\)"):
+        check_protocols(
+            {"metrics/a.json": protocol.as_dict(), "metrics/b.json": other.protocol.as_dict()},
+            protocol,
+        )
+    with pytest.raises(GenlabError, match=r"metrics/c\.json records no evaluation protocol"):
+        check_protocols({"metrics/c.json": None}, protocol)
+
+
+def test_reference_round_trip_and_errors(
+    random_evaluator: Path, prepared_digits: Path, tmp_path: Path
+) -> None:
+    meta = read_meta(prepared_digits)
+    protocol_params = PROTOCOL.model_copy(update={"num_samples": 50})
+    extractor, protocol = measurement(protocol_params, random_evaluator, meta)
+    with pytest.raises(DataError, match="run `dvc repro reference`"):
+        load_reference(tmp_path / "reference", protocol)
+    reference = compute_reference(prepared_digits, extractor, protocol, batch_size=100)
+    assert (len(reference.test), len(reference.floor)) == (447, 50)
+    stale = tmp_path / "reference" / "0123456789abcdef.pt"
+    stale.parent.mkdir()
+    stale.write_bytes(b"another protocol's features")
+    path = save_reference(reference, tmp_path / "reference", protocol)
+    assert sorted(p.name for p in path.parent.iterdir()) == [f"{protocol.features_id}.pt"]
+    back = load_reference(tmp_path / "reference", protocol)
+    assert back.key == protocol.features_key()
+    for a, b in ((back.test, reference.test), (back.floor, reference.floor)):
+        assert torch.equal(a.features, b.features) and torch.equal(a.logits, b.logits)
+    floor = floor_metrics(back, protocol_params)
+    train = load_split(prepared_digits, "train").x[:50]
+    direct = sample_metrics(
+        train, load_split(prepared_digits, "test").x, random_evaluator, protocol=protocol_params
+    )
+    assert floor.fid == pytest.approx(direct.fid, rel=1e-9)
+    assert floor.kid_mean == pytest.approx(direct.kid_mean, rel=1e-9)
+
+    other = measurement(PROTOCOL.model_copy(update={"num_samples": 60}), random_evaluator, meta)
+    with pytest.raises(DataError, match=f"holds {protocol.features_id}"):
+        load_reference(tmp_path / "reference", other.protocol)

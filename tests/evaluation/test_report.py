@@ -19,6 +19,8 @@ from PIL import Image
 
 from genlab import paths
 from genlab.config import Params, parse_params
+from genlab.data.prepared import read_meta
+from genlab.evaluation.fidelity import measurement
 from genlab.evaluation.report import (
     FIGURES,
     QUESTIONS,
@@ -310,7 +312,7 @@ def test_stage_writes_summary_figures_and_real_data(
     trained_evaluator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`genlab report` on a working directory holding what the earlier stages write."""
-    from genlab.stages import report
+    from genlab.stages import reference, report
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
@@ -320,18 +322,22 @@ def test_stage_writes_summary_figures_and_real_data(
     paths.METRICS_DIR.mkdir()
     paths.EVALUATOR_METRICS.write_text(json.dumps({"test/accuracy": 0.9}))
     families = ["vae", "gan"]
-    for i, family in enumerate(families):
-        metrics = synthetic_metrics(family, CONDITIONAL[family], i)
-        paths.family_metrics(family).write_text(json.dumps(metrics))
-    write_grid(paths.family_samples("vae"), 0)
     params = make_params(
         {f: CONDITIONAL[f] for f in families},
         evaluate={"num_samples": 200, "kid_subset_size": 50, "kid_subsets": 5},
         tracking={"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
     )
+    reference.main(params)  # the real data's features, which the floor reads
+    _, protocol = measurement(params.evaluate, paths.EVALUATOR, read_meta(paths.PREPARED))
+    for i, family in enumerate(families):
+        metrics = synthetic_metrics(family, CONDITIONAL[family], i)
+        metrics["protocol"] = protocol.as_dict()  # what evaluate@<family> records
+        paths.family_metrics(family).write_text(json.dumps(metrics))
+    write_grid(paths.family_samples("vae"), 0)
     report.main(params)
 
     real = json.loads(paths.REAL_DATA_METRICS.read_text())
+    assert real.pop("protocol") == protocol.as_dict()
     assert real["eval/fid"] >= 0 and 0.8 < real["test/probe_acc"] <= 1
     rows = headline(paths.REPORT_SUMMARY.read_text())
     assert list(rows) == [*families, REAL]

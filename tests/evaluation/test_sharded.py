@@ -46,12 +46,16 @@ def test_one_and_two_processes_give_identical_samples_and_metrics(
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     env |= {"OMP_NUM_THREADS": "1"}
 
-    def evaluate(devices: int) -> tuple[dict[str, float], bytes, str]:
+    def genlab(*args: str, devices: int = 1) -> subprocess.CompletedProcess:
         params = raw | {"trainer": {"devices": devices}}
         (root / "params.yaml").write_text(yaml.safe_dump(params))
-        done = subprocess.run(
-            [*GENLAB, "evaluate", "vae"], cwd=root, env=env, capture_output=True, text=True
-        )
+        return subprocess.run([*GENLAB, *args], cwd=root, env=env, capture_output=True, text=True)
+
+    reference = genlab("reference")  # the real data's features, which evaluate reads
+    assert reference.returncode == 0, reference.stdout[-3000:] + reference.stderr[-3000:]
+
+    def evaluate(devices: int) -> tuple[dict[str, float], bytes, str]:
+        done = genlab("evaluate", "vae", devices=devices)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         metrics = json.loads((root / "metrics/vae.json").read_text())
         grid = (root / "reports/families/vae/samples.png").read_bytes()

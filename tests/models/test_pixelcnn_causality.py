@@ -24,13 +24,16 @@ def order(shape: tuple[int, int, int]) -> list[tuple[int, int, int]]:
     return [(ch, r, col) for r, col in itertools.product(range(h), range(w)) for ch in range(c)]
 
 
-def random_model(shape: tuple[int, int, int], conditional: bool) -> PixelCNN:
+def random_model(
+    shape: tuple[int, int, int], conditional: bool, features: int | None = None
+) -> PixelCNN:
+    """Random weights; `features` per stack, 6 per image channel unless given."""
     torch.manual_seed(0)
     model = PixelCNN(
         image_shape=shape,
         levels=5,
         num_classes=3,
-        channels=6 * shape[0],
+        channels=6 * shape[0] if features is None else features,
         num_layers=6,
         dropout=0.0,
         conditional=conditional,
@@ -41,12 +44,7 @@ def random_model(shape: tuple[int, int, int], conditional: bool) -> PixelCNN:
     return model.eval()
 
 
-@pytest.mark.parametrize("conditional", [False, True])
-@pytest.mark.parametrize("channels", [1, 3])
-def test_each_output_depends_on_exactly_the_inputs_before_it(channels: int, conditional: bool):
-    shape = (channels, SIZE, SIZE)
-    model = random_model(shape, conditional)
-    y = torch.tensor([2]) if conditional else None
+def assert_autoregressive(model: PixelCNN, shape: tuple[int, int, int], y: torch.Tensor | None):
     positions = order(shape)
     for i, (ch, r, col) in enumerate(positions):
         x = torch.randn(1, *shape, dtype=torch.float64, requires_grad=True)
@@ -59,6 +57,21 @@ def test_each_output_depends_on_exactly_the_inputs_before_it(channels: int, cond
                 assert g == 0.0, f"output {(ch, r, col)} sees input {(ch2, r2, col2)} (at/after)"
             else:
                 assert g != 0.0, f"output {(ch, r, col)} is blind to input {(ch2, r2, col2)}"
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_each_output_depends_on_exactly_the_inputs_before_it(channels: int, conditional: bool):
+    shape = (channels, SIZE, SIZE)
+    y = torch.tensor([2]) if conditional else None
+    assert_autoregressive(random_model(shape, conditional), shape, y)
+
+
+def test_rgb_order_holds_when_features_do_not_split_evenly() -> None:
+    """R -> G -> B within a pixel with groups of unequal size (7 features: 3, 2, 2), as the
+    default 64 features per stack split for RGB images (22, 21, 21)."""
+    shape = (3, SIZE, SIZE)
+    assert_autoregressive(random_model(shape, conditional=False, features=7), shape, None)
 
 
 def test_the_label_reaches_every_position() -> None:

@@ -17,11 +17,15 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from genlab.data.datasets import DATASETS, Split
+from genlab.data.datasets import Split, load_dataset
 from genlab.errors import DataError
+
+if TYPE_CHECKING:
+    from genlab.config import DatasetParams
 
 SPLITS = ("train", "val", "test")
 
@@ -69,13 +73,18 @@ class Meta:
         }
 
 
-def prepare(dataset: str, out_dir: str | Path) -> Meta:
-    """Load `dataset` and write its splits and meta.json to `out_dir`, atomically.
+def prepare(params: DatasetParams, out_dir: str | Path) -> Meta:
+    """Load the dataset `params` names and write its splits and meta.json to `out_dir`, atomically.
 
-    Everything is written into a sibling temporary folder first and moved into place at the end,
-    so a failure leaves either the previous folder or nothing, never a half-written one.
+    The dataset is loaded (or fails: missing files, a failed download, ...) before anything is
+    written. Everything is written into a sibling temporary folder first and moved into place at
+    the end, so a failure leaves either the previous folder or nothing, never a half-written one.
     """
-    raw = DATASETS[dataset]()
+    dataset = params.name
+    raw = load_dataset(params)
+    for name, s in raw.splits.items():
+        if len(s) == 0:
+            raise DataError(f"{dataset}: the {name} split is empty")
     shapes = {tuple(s.x.shape[1:]) for s in raw.splits.values()}
     if len(shapes) != 1:
         raise ValueError(f"{dataset}: splits have different image shapes {sorted(shapes)}")

@@ -14,7 +14,17 @@ from genlab.data.datamodule import derived_seed
 from genlab.data.datasets import Split
 from genlab.data.prepared import load_split, read_meta
 from genlab.distributed import ONE_PROCESS, Shard
-from genlab.evaluation.fidelity import class_fid, evaluator_outputs, sample_metrics
+from genlab.evaluation.fidelity import (
+    Extractor,
+    Protocol,
+    Reference,
+    class_fid,
+    evaluator_outputs,
+    extract_features,
+    load_reference,
+    measurement,
+    metrics_from_features,
+)
 from genlab.evaluation.grids import image_grid
 from genlab.evaluation.likelihood import likelihood_metrics
 from genlab.evaluation.ood import calibrate, ood_metrics, ood_sets
@@ -106,10 +116,54 @@ def class_grid(
     return image_grid(torch.cat([r[:per_class] for r in rows]), levels, nrow=per_class)
 
 
+def generation_metrics(
+    samples: torch.Tensor,
+    labels: torch.Tensor | None,
+    *,
+    extractor: Extractor,
+    reference: Reference,
+    reference_y: torch.Tensor,
+    evaluator_path: str | Path,
+    protocol: EvaluateParams,
+    num_classes: int,
+    device: torch.device | str = "cpu",
+) -> dict[str, float]:
+    """Every sample metric from one feature extraction of the samples, against the cached
+    features of the real data: FID, KID, precision/recall, the Inception(-style) score and, for
+    class-conditional samples (`labels`), the conditional accuracy and per-class FID.
+
+    The conditional accuracy is the evaluator's: with the Inception extractor its logits are
+    ImageNet's, so the evaluator then classifies the samples too (its logits only)."""
+    generated = extract_features(
+        samples, extractor, batch_size=protocol.batch_size, device=device, name="samples"
+    )
+    metrics = metrics_from_features(generated, reference.test, protocol).as_dict()
+    if labels is not None:
+        if extractor.logits_are_classes:
+            class_logits = generated.logits
+        else:
+            _, class_logits = evaluator_outputs(
+                evaluator_path, samples, batch_size=protocol.batch_size, device=device
+            )
+        metrics["eval/cond_acc"] = accuracy(class_logits, labels)
+        # float64 for the per-class statistics (small sets).
+        per_class = class_fid(
+            generated.features.double(),
+            labels,
+            reference.test.features.double(),
+            reference_y,
+            num_classes,
+        )
+        metrics |= {f"eval/class_fid_{k}": v for k, v in per_class.items()}
+        metrics["eval/class_fid_mean"] = float(np.mean(list(per_class.values())))
+    return metrics
+
+
 @dataclass(frozen=True)
 class Evaluation:
     metrics: dict[str, float]
     grids: dict[str, np.ndarray]  # (H, W, 3) uint8: samples, classes, interpolation, traversal
+    protocol: Protocol  # what the sample metrics were measured under
 
 
 def evaluate_model(
@@ -117,6 +171,7 @@ def evaluate_model(
     *,
     prepared_dir: str | Path,
     evaluator_path: str | Path,
+    reference_dir: str | Path,
     protocol: EvaluateParams,
     prediction: PredictionParams,
     representation: RepresentationParams,
@@ -127,9 +182,13 @@ def evaluate_model(
     representation (linear probe, latent grids) and conditional generation (conditional accuracy,
     per-class FID, a grid with one row per class).
 
-    Sampling, the costly part, is split over the processes of `shard`; rank 0 gathers the
-    samples, extracts their features once and computes every metric (other ranks: None)."""
+    The real data's features come from `reference_dir` (the `reference` stage), checked against
+    the protocol before any sampling. Sampling, the costly part, is split over the processes of
+    `shard`; rank 0 gathers the samples, extracts their features once and computes every metric
+    (other ranks: None)."""
     meta = read_meta(prepared_dir)
+    extractor, measured_under = measurement(protocol, evaluator_path, meta)
+    reference = load_reference(reference_dir, measured_under)
     generated = generate(model, protocol, shard)
     if generated is None:
         return None
@@ -144,29 +203,23 @@ def evaluate_model(
     if int(samples.max()) >= meta.levels:
         raise ValueError(f"{type(model).__name__}.sample returned levels above {meta.levels - 1}")
 
-    device = model.device
-    metrics = sample_metrics(
-        samples, test.x, evaluator_path, protocol=protocol, device=device
-    ).as_dict()
+    metrics = generation_metrics(
+        samples,
+        generated.labels,
+        extractor=extractor,
+        reference=reference,
+        reference_y=splits[measured_under.reference_split].y,
+        evaluator_path=evaluator_path,
+        protocol=protocol,
+        num_classes=model.num_classes,
+        device=model.device,
+    )
     metrics["eval/samples_per_s"] = protocol.num_samples / generated.seconds
     metrics["eval/nfe_per_sample"] = model.nfe_per_sample
     n_grid = min(64, protocol.num_samples)
     nrow = model.num_classes if model.conditional else 8
     grids = {"samples": image_grid(samples[:n_grid], meta.levels, nrow=nrow)}
-
     if generated.labels is not None:
-        gen_features, gen_logits = evaluator_outputs(
-            evaluator_path, samples, batch_size=protocol.batch_size, device=device
-        )
-        test_features, _ = evaluator_outputs(
-            evaluator_path, test.x, batch_size=protocol.batch_size, device=device
-        )
-        metrics["eval/cond_acc"] = accuracy(gen_logits, generated.labels)
-        per_class = class_fid(
-            gen_features, generated.labels, test_features, test.y, model.num_classes
-        )
-        metrics |= {f"eval/class_fid_{k}": v for k, v in per_class.items()}
-        metrics["eval/class_fid_mean"] = float(np.mean(list(per_class.values())))
         grids["classes"] = class_grid(samples, generated.labels, meta.levels)
 
     if model.likelihood != "none":
@@ -189,4 +242,8 @@ def evaluate_model(
         grids["interpolation"] = rep.interpolation
         if rep.traversal is not None:
             grids["traversal"] = rep.traversal
-    return Evaluation(metrics={k: float(v) for k, v in sorted(metrics.items())}, grids=grids)
+    return Evaluation(
+        metrics={k: float(v) for k, v in sorted(metrics.items())},
+        grids=grids,
+        protocol=measured_under,
+    )

@@ -12,8 +12,6 @@ only plain values and tensors, so it loads with `torch.load(path, weights_only=T
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -29,18 +27,33 @@ from genlab.config import EvaluatorParams, TrainerParams
 from genlab.data.datamodule import PreparedDataModule
 from genlab.data.prepared import read_meta
 from genlab.errors import TrainingInterrupted
+from genlab.io import save_torch_atomic
 
 FORMAT = "genlab-evaluator/1"
 
 
-class Classifier(nn.Module):
-    """Two conv stages, global mean and max pooling, one hidden layer (the features), a head.
+def stage_sizes(size: int) -> list[int]:
+    """Sides of the classifier's feature maps, one per stage: the image side, then 2x max-pooled
+    (rounding up) while above 4. [8, 4] for the digits, [28, 14, 7, 4], [64, 32, 16, 8, 4]."""
+    sizes = [size]
+    while sizes[-1] > 4 or len(sizes) == 1:
+        sizes.append((sizes[-1] + 1) // 2)
+    return sizes
 
-    Global pooling (adaptive pooling to 1x1) makes the network accept any H, W >= 8. It is written
-    as `mean`/`amax` because, unlike `nn.AdaptiveAvgPool2d`/`AdaptiveMaxPool2d`, these have a
-    deterministic CUDA backward (the Trainer runs with `deterministic=True`). The last conv's
-    receptive field (14 pixels) covers a whole 8x8 image; the max keeps some of the "where" that
-    the mean averages away (+0.2 points of test accuracy on digits, over 8 seeds).
+
+class Classifier(nn.Module):
+    """Conv stages of two 3x3 convolutions with 2x max-pooling between them, global mean and max
+    pooling, one hidden layer (the features), a head.
+
+    The number of stages follows the image side (`stage_sizes`): two for the 8x8 digits, one more
+    per halving of a larger image, so the last stage reads a map of at most 4x4 whose receptive
+    field covers the whole image (14 pixels after the digits' two stages, 68 after 32x32's four);
+    the width doubles per stage up to 4x `width`. Global pooling (adaptive pooling to 1x1) makes
+    the network accept other sizes too (the digits' two stages any H, W >= 2). It is written as
+    `mean`/`amax` because, unlike `nn.AdaptiveAvgPool2d`/`AdaptiveMaxPool2d`, these have a
+    deterministic CUDA backward (the Trainer runs with `deterministic=True`). The max keeps some
+    of the "where" that the mean averages away (+0.2 points of test accuracy on digits, over 8
+    seeds).
     """
 
     def __init__(
@@ -49,9 +62,12 @@ class Classifier(nn.Module):
         in_channels: int,  # image channels C
         levels: int,  # integer levels per channel L; inputs hold 0..L-1
         num_classes: int,
-        width: int = 32,  # channels of the first stage; the second has 2 * width
+        width: int = 32,  # channels of the first stage; x2 per stage, at most 4 * width
         feature_dim: int = 128,  # size of the feature vector FID/KID/PRC are computed on
         dropout: float = 0.2,  # between the features and the head, training only
+        # Side of the (square) images, which sets the depth; 8 (two stages) for files written
+        # before the key existed, all of them on the digits.
+        image_size: int = 8,
     ) -> None:
         super().__init__()
         if levels < 2:
@@ -63,20 +79,23 @@ class Classifier(nn.Module):
             "width": width,
             "feature_dim": feature_dim,
             "dropout": dropout,
+            "image_size": image_size,
         }
         self.levels = levels
 
         def conv(cin: int, cout: int) -> list[nn.Module]:
             return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
 
-        self.convs = nn.Sequential(
-            *conv(in_channels, width),
-            *conv(width, width),
-            nn.MaxPool2d(2),
-            *conv(width, 2 * width),
-            *conv(2 * width, 2 * width),
-        )
-        self.hidden = nn.Linear(4 * width, feature_dim)
+        sizes = stage_sizes(image_size)
+        layers = [*conv(in_channels, width), *conv(width, width)]
+        ch = width
+        for i, side in enumerate(sizes[:-1]):
+            out = width * min(2 ** (i + 1), 4)
+            # ceil_mode only where the side is odd, so its last row and column are pooled too.
+            layers += [nn.MaxPool2d(2, ceil_mode=side % 2 == 1), *conv(ch, out), *conv(out, out)]
+            ch = out
+        self.convs = nn.Sequential(*layers)
+        self.hidden = nn.Linear(2 * ch, feature_dim)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(feature_dim, num_classes)
 
@@ -84,8 +103,8 @@ class Classifier(nn.Module):
         """x: integer levels (B, C, H, W) -> features (B, feature_dim), logits (B, num_classes)."""
         dtype = self.hidden.weight.dtype
         h = x.to(dtype) * (2 / (self.levels - 1)) - 1  # (B, C, H, W) in [-1, 1]
-        h = self.convs(h)  # (B, 2w, H/2, W/2)
-        h = torch.cat([h.mean(dim=(-2, -1)), h.amax(dim=(-2, -1))], dim=1)  # (B, 4w)
+        h = self.convs(h)  # (B, w', H', W'), H' and W' <= 4 at the image size built for
+        h = torch.cat([h.mean(dim=(-2, -1)), h.amax(dim=(-2, -1))], dim=1)  # (B, 2w')
         features = F.relu(self.hidden(h))  # (B, feature_dim)
         logits = self.head(self.dropout(features))  # (B, num_classes)
         return features, logits
@@ -130,6 +149,7 @@ class EvaluatorModule(L.LightningModule):
         width: int = 32,
         feature_dim: int = 128,
         dropout: float = 0.2,
+        image_size: int = 8,  # side of the images: the classifier's depth
         lr: float = 2e-3,  # AdamW peak learning rate (cosine-decayed to 0 over training)
         label_smoothing: float = 0.1,  # of the training cross-entropy (validation uses plain CE)
         # Training augmentation (see `random_affine`); all zero turns it off.
@@ -145,6 +165,7 @@ class EvaluatorModule(L.LightningModule):
             width=width,
             feature_dim=feature_dim,
             dropout=dropout,
+            image_size=image_size,
         )
         self.lr = lr
         self.label_smoothing = label_smoothing
@@ -230,6 +251,7 @@ def train_evaluator(
         in_channels=meta.shape[0],
         levels=meta.levels,
         num_classes=meta.num_classes,
+        image_size=min(meta.shape[1:]),
         width=params.width,
         feature_dim=params.feature_dim,
         dropout=params.dropout,
@@ -304,14 +326,7 @@ def save_evaluator(
         "test_accuracy": float(test_accuracy),
         "dataset_sha256": dataset_sha256,
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(blob, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    save_torch_atomic(blob, path)
 
 
 def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") -> Classifier:

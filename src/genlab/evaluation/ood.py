@@ -9,7 +9,10 @@ split, deterministically from a seed:
 - ``hflip`` / ``vflip`` / ``rot90``: mirrored left-right, upside down, rotated a quarter turn;
 - ``natural``: square crops of scikit-learn's two sample photographs (shipped with it, no
   download), area-downsampled to the data's size and quantised to its levels, grey when the data
-  has one channel.
+  has one channel, RGB when it has three.
+
+Every set keeps the data's shape (C, H, W) and levels: 8x8 digits at 17 levels as well as 28x28
+MNIST or 64x64 RGB at 256 levels.
 
 Two statistics score an image (higher = more in-distribution): the likelihood log p(x) itself,
 and the typicality -|log p(x) - mean log p(x) on held-out data|, the per-image form of the test of
@@ -42,8 +45,13 @@ def natural_patches(
     from sklearn.datasets import load_sample_images
 
     c, h, w = shape
+    if c not in (1, 3):
+        raise ValueError(f"natural: photographs make grey or RGB images, not {c} channels")
     photos = [torch.tensor(im).permute(2, 0, 1).float() / 255 for im in load_sample_images().images]
-    out = torch.empty(n, c, h, w)
+    smallest = min(min(photo.shape[1:]) for photo in photos)
+    if max(h, w) > smallest:
+        raise ValueError(f"natural: images of at most {smallest} pixels a side, got {h}x{w}")
+    out = torch.empty(n, c, h, w)  # in [0, 1]
     for i in range(n):
         photo = photos[int(torch.randint(len(photos), (1,), generator=generator))]  # (3, H0, W0)
         top_side = min(8 * max(h, w), photo.shape[1], photo.shape[2])

@@ -35,7 +35,7 @@ from PIL import Image
 from genlab import paths
 from genlab.config import EvaluateParams, Params
 from genlab.data.prepared import load_split, read_meta
-from genlab.evaluation.fidelity import sample_metrics
+from genlab.evaluation.fidelity import Reference, floor_metrics
 from genlab.evaluation.predict import scorer
 from genlab.evaluation.representation import linear_probe
 from genlab.models import MODELS
@@ -67,15 +67,10 @@ FIGURES = ("generation", "likelihood", "prediction", "representation", "conditio
 # ---------------------------------------------------------------- the real-data reference row
 
 
-def real_data_floor(
-    prepared_dir: str | Path, evaluator_path: str | Path, protocol: EvaluateParams
-) -> dict[str, float]:
-    """Sample metrics of the real train split against the test split (at most N train images)."""
-    meta = read_meta(prepared_dir)
-    train = load_split(prepared_dir, "train", meta)
-    test = load_split(prepared_dir, "test", meta)
-    reference = train.x[: protocol.num_samples]
-    return sample_metrics(reference, test.x, evaluator_path, protocol=protocol).as_dict()
+def real_data_floor(reference: Reference, protocol: EvaluateParams) -> dict[str, float]:
+    """Sample metrics of the real train split (its first N images) against the test split, from
+    the features the `reference` stage cached under the protocol."""
+    return floor_metrics(reference, protocol).as_dict()
 
 
 def pixel_probe(prepared_dir: str | Path, *, c: float) -> float:
@@ -412,6 +407,7 @@ def summary_markdown(
     statistic: str,
     fpr: float,
     grids: dict[str, dict[GridKind, Path | str]],
+    extractor: str = "genlab-evaluator",
 ) -> str:
     """reports/summary.md: the headline table, the detailed tables, the figures and the grids
     (figure and grid links are relative to reports/)."""
@@ -430,8 +426,8 @@ def summary_markdown(
         "",
         "## Sample quality",
         "",
-        "Sample metrics use the dataset's evaluator classifier as feature extractor, against the "
-        "test split.",
+        f"Sample metrics use the features of `{extractor}` (the protocol in "
+        "`reports/real_data.json`), against the test split.",
         "",
         *_sample_quality(families, real),
         "",
@@ -524,7 +520,7 @@ def generation_figure(families: list[FamilyReport], real: dict[str, float], path
     fids = [_get(f.metrics, "eval/fid") for f in families]
     _bars(ax, families, fids, [None] * len(families), color="tab:blue")
     ax.axhline(_get(real, "eval/fid"), color="k", ls="--", label="real data")
-    ax.set_title("FID (evaluator features) ↓")
+    ax.set_title("FID ↓")
     ax.legend()
     ax = axes[1]
     for f in families:

@@ -37,8 +37,10 @@ from genlab.models.base import GenerativeModule
 Schedule = Literal["linear", "cosine"]
 Sampler = Literal["ddpm", "ddim"]
 
-# Images x bound terms evaluated in one network pass by `Diffusion.log_prob` (bounds memory).
+# Images x bound terms evaluated in one network pass by `Diffusion.log_prob` (bounds memory), for
+# images of BOUND_CHUNK_PIXELS pixels (the digits' 8x8); larger images get proportionally fewer.
 BOUND_CHUNK = 4096
+BOUND_CHUNK_PIXELS = 8 * 8
 
 
 # -- schedule -----------------------------------------------------------------------------------
@@ -109,8 +111,10 @@ class ResBlock(nn.Module):
 class UNet(nn.Module):
     """eps_theta(x_t, t, y): (B, C, H, W), (B,), (B,) or None -> (B, C, H, W).
 
-    Resolutions halve while even and above 4 (8x8: 8 -> 4; 32x32: 32 -> 16 -> 8 -> 4), the width
-    doubles per level up to 4x `channels`; skips join the down and up paths at each level.
+    Resolutions halve while above 4, exactly while even and rounded up once odd and above 8
+    (8 -> 4; 28 -> 14 -> 7; 32 -> 16 -> 8 -> 4; 62 -> 31 -> 16 -> 8 -> 4), the width doubles per
+    level up to 4x `channels`; skips join the down and up paths at each level, the up path
+    resampled to each skip's size.
     `num_labels` > 0 adds a class embedding to the time embedding (the last label is the null
     class of classifier-free guidance).
     """
@@ -134,8 +138,8 @@ class UNet(nn.Module):
         self.label_emb = nn.Embedding(num_labels, emb_dim) if num_labels > 0 else None
         widths = [channels]
         size = image_size
-        while size % 2 == 0 and size > 4:
-            size //= 2
+        while size > 4 and (size % 2 == 0 or size > 8):
+            size = (size + 1) // 2  # what the stride-2 convolution below gives
             widths.append(channels * min(2 ** len(widths), 4))
         self.channels = channels
         self.stem = nn.Conv2d(image_channels, channels, 3, padding=1)
@@ -188,7 +192,8 @@ class UNet(nn.Module):
             for block in blocks:
                 h = block(h, emb)
             if i < len(self.upsample):
-                h = F.interpolate(h, scale_factor=2.0, mode="nearest")  # (B, w, 2h, 2w)
+                # (B, w, 2h, 2w), one less on a side that halved rounding up
+                h = F.interpolate(h, size=skips[-1].shape[-2:], mode="nearest")
                 h = self.upsample[i](h)
         return self.out(F.silu(self.out_norm(h)))
 
@@ -642,9 +647,11 @@ class Diffusion(GenerativeModule):
         xs = x[:, None].expand(-1, k1, *x.shape[1:]).flatten(0, 1)  # (B*(K+1), C, H, W)
         ys = None if y is None else y[:, None].expand(-1, k1).flatten()
         t, noise = t.flatten(), noise.flatten(0, 1)
+        _, h, w = self.image_shape
+        chunk = max(1, BOUND_CHUNK * BOUND_CHUNK_PIXELS // (h * w))
         terms = []
-        for i in range(0, len(t), BOUND_CHUNK):
-            j = slice(i, i + BOUND_CHUNK)
+        for i in range(0, len(t), chunk):
+            j = slice(i, i + chunk)
             terms.append(self.bound_terms(xs[j], None if ys is None else ys[j], t[j], noise[j]))
         terms = torch.cat(terms).view(b, k1)  # (B, K+1)
         weight = torch.cat([torch.ones(1, device=self.device), weight])

@@ -390,7 +390,9 @@ class Scale(nn.Module):
 
 
 def num_scales(height: int, width: int, max_scales: int) -> int:
-    """How many times both sides halve evenly, at most `max_scales` (8x8 -> 3, 28x28 -> 2)."""
+    """How many times both sides halve evenly, at most `max_scales` (8x8 -> 3, 28x28 -> 2,
+    32x32 and 64x64 -> 3 of 3). Every scale squeezes 2x2, so a side must be even at each one:
+    28 = 4 x 7 allows two (28 -> 14 -> 7), a side of 2 x odd one, an odd side none (refused)."""
     n = 0
     while n < max_scales and height % 2 == 0 and width % 2 == 0:
         height, width, n = height // 2, width // 2, n + 1
@@ -511,7 +513,10 @@ def importance_weighted_bound(log_p: torch.Tensor, log_q: torch.Tensor) -> torch
 class Flow(GenerativeModule):
     """Glow on dequantized images: trained on the one-draw bound, evaluated with `eval_samples`
     importance-weighted draws (on the digits, K = 128 is ~5 nats tighter than K = 1 and scores
-    800 images in ~10 s on one CPU thread)."""
+    800 images in ~10 s on one CPU thread).
+
+    Scales: `max_scales` or fewer, as many as the sides halve evenly (`num_scales`): MNIST's
+    28 x 28 gets 2 (28 -> 14 -> 7), 32 x 32 and 64 x 64 all 3; odd sides are refused."""
 
     likelihood = "lower_bound"
     has_latent = True
@@ -541,7 +546,10 @@ class Flow(GenerativeModule):
         _, h, w = self.image_shape
         scales = num_scales(h, w, max_scales)
         if scales == 0:
-            raise ValueError(f"flow: image sides must be even to squeeze, got {h}x{w}")
+            raise ValueError(
+                f"flow: image sides must be even to squeeze 2x2, got {h}x{w}; use an even image "
+                "size (dataset.image_size for a folder) or leave flow out of families"
+            )
         self.embedding = nn.Embedding(num_classes, embedding_dim) if conditional else None
         self.flow = MultiScaleFlow(
             self.image_shape,

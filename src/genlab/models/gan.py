@@ -5,9 +5,10 @@ D(x, y) play a two-player game; no likelihood is defined, only samples. The netw
 (Radford, Metz & Chintala, ICLR 2016): the generator projects z to a small feature map, doubles its
 resolution with BatchNorm + ReLU conv blocks and ends in tanh; the discriminator halves the
 resolution with strided convolutions and LeakyReLU(0.2), without BatchNorm (it would break the
-gradient penalties and is redundant with spectral normalisation). Depths come from the image size:
-the feature map starts at the resolution reached by halving H while it stays even and >= 4
-(8 -> 4, 28 -> 7, 32 -> 4, 64 -> 4).
+gradient penalties and is redundant with spectral normalisation). Depths come from the image size
+(`feature_sizes`): the side is halved while the half is >= 4, exactly while it is even and rounded
+up once it is odd and above 8 (8 -> 4, 28 -> 7, 32 -> 4, 64 -> 4, 62 -> 31 -> 16 -> 8 -> 4), so
+the first feature map stays small for any size: 2 x 31 would otherwise start at 31 x 31.
 
 Conditional form: the generator concatenates a learned class embedding to z; the discriminator is
 the projection discriminator of Miyato & Koyama (*cGANs with Projection Discriminator*, ICLR 2018,
@@ -46,12 +47,14 @@ D_WIN_LOSS = 0.1
 D_WIN_STEPS = 500
 
 
-def base_resolution(size: int) -> tuple[int, int]:
-    """(resolution of the first feature map, number of 2x scale changes) for a side `size`."""
-    res, scales = size, 0
-    while res % 2 == 0 and res // 2 >= 4:
-        res, scales = res // 2, scales + 1
-    return res, scales
+def feature_sizes(size: int) -> list[int]:
+    """Sides of the feature maps from the image (a side `size`) down to the first map of the
+    generator: halved while the half is >= 4; an odd side is halved (rounded up) only above 8,
+    where a smaller map is worth an uneven 2x resampling. [8, 4] for 8, [28, 14, 7] for 28."""
+    sizes = [size]
+    while sizes[-1] // 2 >= 4 and (sizes[-1] % 2 == 0 or sizes[-1] > 8):
+        sizes.append((sizes[-1] + 1) // 2)
+    return sizes
 
 
 def widths(channels: int, scales: int) -> list[int]:
@@ -73,7 +76,8 @@ class Generator(nn.Module):
     ) -> None:
         super().__init__()
         c, h, _ = image_shape
-        self.res, scales = base_resolution(h)
+        sizes = feature_sizes(h)[::-1]  # from the first feature map up to the image
+        self.res, scales = sizes[0], len(sizes) - 1
         self.ws = widths(channels, scales)
         self.out_scale = out_scale
         self.embed = nn.Embedding(num_classes, latent_dim) if num_classes else None
@@ -81,9 +85,12 @@ class Generator(nn.Module):
         self.project = nn.Linear(in_dim, self.ws[0] * self.res**2, bias=False)
         self.bn0 = nn.BatchNorm2d(self.ws[0])
         blocks: list[nn.Module] = []
-        for a, b in itertools.pairwise(self.ws):
+        for (a, b), side in zip(itertools.pairwise(self.ws), sizes[1:], strict=True):
+            # Up to the next side: twice this one, or one less where that side is odd (it was
+            # halved rounding up).
+            up = {"scale_factor": 2} if side % 2 == 0 else {"size": (side, side)}
             blocks += [
-                nn.Upsample(scale_factor=2, mode="nearest"),
+                nn.Upsample(**up, mode="nearest"),
                 nn.Conv2d(a, b, 3, padding=1, bias=False),
                 nn.BatchNorm2d(b),
                 nn.ReLU(),
@@ -112,14 +119,17 @@ class Discriminator(nn.Module):
     ) -> None:
         super().__init__()
         c, h, _ = image_shape
-        res, scales = base_resolution(h)
-        ws = widths(channels, scales)[::-1]  # from the image down to the base resolution
+        sizes = feature_sizes(h)  # from the image down to the base resolution
+        res, scales = sizes[-1], len(sizes) - 1
+        ws = widths(channels, scales)[::-1]
         norm = sn if spectral_norm else (lambda m: m)
         # SNGAN's "standard CNN" (Miyato et al. 2018, table 3): a 3x3 conv at each resolution and
-        # a stride-2 4x4 conv between resolutions.
+        # a stride-2 4x4 conv between resolutions; padding 2 on an odd side gives the rounded-up
+        # half, the generator's size there.
         layers: list[nn.Module] = [norm(nn.Conv2d(c, ws[0], 3, padding=1)), nn.LeakyReLU(0.2)]
-        for a, b in itertools.pairwise(ws):
-            layers += [norm(nn.Conv2d(a, a, 4, stride=2, padding=1)), nn.LeakyReLU(0.2)]
+        for (a, b), side in zip(itertools.pairwise(ws), sizes[:-1], strict=True):
+            pad = 1 if side % 2 == 0 else 2
+            layers += [norm(nn.Conv2d(a, a, 4, stride=2, padding=pad)), nn.LeakyReLU(0.2)]
             layers += [norm(nn.Conv2d(a, b, 3, padding=1)), nn.LeakyReLU(0.2)]
         self.features = nn.Sequential(*layers)
         feature_dim = ws[-1] * res**2

@@ -174,8 +174,12 @@ class ConvDecoder(nn.Module):
         return self.net(h).view(-1, self.levels, *self.image_shape)  # (B, L, C, H, W)
 
 
-# Images x importance samples decoded at once by `VAE.iwae` (bounds memory for large k).
+# Images x importance samples decoded at once by `VAE.iwae` (bounds memory for large k), for
+# images with IWAE_CHUNK_LOGITS decoder logits each (the digits: 8x8 pixels x 17 levels); larger
+# images, more channels or levels get proportionally fewer (a 3x64x64 image at 256 levels: 5),
+# but never less than one sample of every image in the batch (the caller's batch size rules then).
 IWAE_CHUNK = 16384
+IWAE_CHUNK_LOGITS = 8 * 8 * 17
 
 
 class ELBO(NamedTuple):
@@ -255,7 +259,7 @@ class VAE(GenerativeModule):
         std = torch.exp(0.5 * logvar)
         prior = torch.distributions.Normal(0.0, 1.0)
         posterior = torch.distributions.Normal(mu, std)
-        chunk = max(1, IWAE_CHUNK // x.shape[0])
+        chunk = max(1, IWAE_CHUNK * IWAE_CHUNK_LOGITS // (x.shape[0] * self.dims * self.levels))
         log_w = []
         for start in range(0, k, chunk):
             n = min(chunk, k - start)

@@ -1,4 +1,9 @@
-"""Stage `evaluate@<family>`: metrics/<family>.json, a sample grid, both into the family's run."""
+"""Stage `evaluate@<family>`: metrics/<family>.json, a sample grid, both into the family's run.
+
+The metrics file holds the metrics and, under "protocol", what the sample metrics were measured
+under (`fidelity.Protocol`: strings and integers, which `dvc metrics show/diff` list beside the
+numbers); the run gets the same as `eval.protocol.<key>` tags.
+"""
 
 import shutil
 from pathlib import Path
@@ -43,6 +48,7 @@ def main(params: Params, family: str) -> None:
         model,
         prepared_dir=paths.PREPARED,
         evaluator_path=paths.EVALUATOR,
+        reference_dir=paths.REFERENCE,
         protocol=params.evaluate,
         prediction=params.prediction,
         representation=params.representation,
@@ -51,11 +57,14 @@ def main(params: Params, family: str) -> None:
     if result is None:  # a rank that only sampled: rank 0 writes and logs
         return
     figures = write_grids(result.grids, paths.family_figures(family))
-    write_json_atomic(paths.family_metrics(family), result.metrics)
+    write_json_atomic(
+        paths.family_metrics(family), result.metrics | {"protocol": result.protocol.as_dict()}
+    )
     protocol = {
         "evaluate": params.evaluate.model_dump(),
         "prediction": params.prediction.model_dump(),
         "representation": params.representation.model_dump(),
+        "protocol": result.protocol.as_dict(),
     }
     log_evaluation(
         record,

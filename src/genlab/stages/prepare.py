@@ -6,6 +6,6 @@ from genlab.data.prepared import prepare
 
 
 def main(params: Params) -> None:
-    meta = prepare(params.dataset.name, paths.PREPARED)
+    meta = prepare(params.dataset, paths.PREPARED)
     sizes = ", ".join(f"{name} {info['n']}" for name, info in meta.splits.items())
     print(f"prepared {meta.dataset}: {sizes}; shape {meta.shape}, {meta.levels} levels")

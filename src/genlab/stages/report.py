@@ -1,4 +1,9 @@
-"""Stage `report`: reports/summary.md, reports/figures/, reports/real_data.json."""
+"""Stage `report`: reports/summary.md, reports/figures/, reports/real_data.json.
+
+Families are compared only when every metrics file records the protocol the current params
+give (the same one the real-data floor is computed under, from the cached reference features);
+reports/real_data.json records it too.
+"""
 
 import json
 import math
@@ -8,6 +13,7 @@ from genlab import paths
 from genlab.config import Params
 from genlab.data.prepared import read_meta
 from genlab.errors import GenlabError
+from genlab.evaluation.fidelity import check_protocols, load_reference, measurement
 from genlab.evaluation.report import (
     family_reports,
     grid_panels,
@@ -20,7 +26,7 @@ from genlab.io import write_json_atomic, write_text_atomic
 from genlab.tracking import log_report
 
 
-def _read_json(path: Path, stage: str) -> dict[str, float]:
+def _read_json(path: Path, stage: str) -> dict:
     if not path.is_file():
         raise GenlabError(f"{path} not found: run `dvc repro {stage}` first")
     return json.loads(path.read_text())
@@ -28,11 +34,16 @@ def _read_json(path: Path, stage: str) -> dict[str, float]:
 
 def main(params: Params) -> None:
     meta = read_meta(paths.PREPARED)
-    metrics = {f: _read_json(paths.family_metrics(f), f"evaluate@{f}") for f in params.families}
+    _, protocol = measurement(params.evaluate, paths.EVALUATOR, meta)
+    files = {f: _read_json(paths.family_metrics(f), f"evaluate@{f}") for f in params.families}
+    check_protocols(
+        {str(paths.family_metrics(f)): m.get("protocol") for f, m in files.items()}, protocol
+    )
+    metrics = {f: {k: v for k, v in m.items() if k != "protocol"} for f, m in files.items()}
     evaluator = _read_json(paths.EVALUATOR_METRICS, "evaluator")
-    real = real_data_floor(paths.PREPARED, paths.EVALUATOR, params.evaluate)
+    real = real_data_floor(load_reference(paths.REFERENCE, protocol), params.evaluate)
     real["test/probe_acc"] = pixel_probe(paths.PREPARED, c=params.representation.probe_c)
-    write_json_atomic(paths.REAL_DATA_METRICS, real)
+    write_json_atomic(paths.REAL_DATA_METRICS, real | {"protocol": protocol.as_dict()})
 
     families = family_reports(metrics, params)
     grids = grid_panels(families)
@@ -55,6 +66,7 @@ def main(params: Params) -> None:
         statistic=params.prediction.statistic,
         fpr=params.prediction.fpr,
         grids=grids,
+        extractor=protocol.extractor,
     )
     write_text_atomic(paths.REPORT_SUMMARY, summary)
     log_report(

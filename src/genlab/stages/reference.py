@@ -1,0 +1,27 @@
+"""Stage `reference`: the real data's features under the evaluation protocol, data/reference/.
+
+Computed once per protocol and cached by DVC: every evaluate@<family> stage and the report's
+real-data floor read them instead of extracting them again.
+"""
+
+from genlab import paths
+from genlab.config import Params
+from genlab.data.prepared import read_meta
+from genlab.evaluation.fidelity import compute_reference, measurement, save_reference
+
+
+def main(params: Params) -> None:
+    meta = read_meta(paths.PREPARED)
+    extractor, protocol = measurement(params.evaluate, paths.EVALUATOR, meta)
+    reference = compute_reference(
+        paths.PREPARED,
+        extractor,
+        protocol,
+        batch_size=params.evaluate.batch_size,
+        device=params.trainer.eval_device,
+    )
+    path = save_reference(reference, paths.REFERENCE, protocol)
+    print(
+        f"reference: {extractor.name} features of {len(reference.test)} {protocol.reference_split} "
+        f"and {len(reference.floor)} {protocol.floor_split} images -> {path}"
+    )

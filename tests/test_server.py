@@ -1,0 +1,227 @@
+"""The team tracking server: `scripts/tracking_server.py` starts a real `mlflow server` on
+127.0.0.1; genlab logs to it over HTTP, DVC queue workers in parallel land complete runs in it, and
+its REST API returns the runs with their `eval/*` metrics, sortable side by side."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from genlab.cli import main as genlab_main
+
+REPO = Path(__file__).resolve().parents[1]
+SERVER_SCRIPT = REPO / "scripts/tracking_server.py"
+CI_TRAIN = REPO / "scripts/ci_train.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class TrackingServer:
+    """`scripts/tracking_server.py` on a free port of 127.0.0.1 with its store in `data_dir`;
+    stop() and start() again keep the port and the store (an outage and its end)."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 90.0) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, str(SERVER_SCRIPT), "--port", str(self.port), "--workers", "1"]
+        cmd += ["--data-dir", str(self.data_dir)]
+        log = open(self.data_dir / "server.log", "a")  # noqa: SIM115 (kept open by the server)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GENLAB_SERVER_")}
+        env["OMP_NUM_THREADS"] = "1"
+        # Own process group: stop() ends the server and its workers, nothing else.
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=1) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            assert self.proc.poll() is None, (self.data_dir / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "mlflow server did not start"
+            time.sleep(0.3)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=30)
+        self.proc = None
+
+    def rest(self, endpoint: str, body: dict[str, Any] | None = None, **query: str) -> dict:
+        """One call of MLflow's REST API (`/api/2.0/mlflow/<endpoint>`): POST `body` as JSON,
+        or GET with `query`."""
+        url = f"{self.uri}/api/2.0/mlflow/{endpoint}"
+        if query:
+            url += "?" + urllib.parse.urlencode(query)
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(
+            url, data=data, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+
+    def search_runs(self, experiment: str, filter_: str, order_by: list[str]) -> list[dict]:
+        experiment_id = self.rest("experiments/get-by-name", experiment_name=experiment)[
+            "experiment"
+        ]["experiment_id"]
+        body = {"experiment_ids": [experiment_id], "filter": filter_, "order_by": order_by}
+        return self.rest("runs/search", body).get("runs", [])
+
+
+@pytest.fixture
+def server(tmp_path: Path):
+    server = TrackingServer(tmp_path / "server")
+    server.start()
+    yield server
+    server.stop()
+
+
+def stage_commands(dvc_yaml: Path, families: list[str]) -> list[list[str]]:
+    """The `genlab ...` arguments of every stage in `dvc_yaml` for `families`, in the file's
+    order (which lists each stage after those it depends on)."""
+    commands = []
+    for stage in yaml.safe_load(dvc_yaml.read_text())["stages"].values():
+        body = stage.get("do", stage)
+        for item in families if "foreach" in stage else [""]:
+            program, *args = body["cmd"].replace("${item}", item).split()
+            assert program == "genlab", body["cmd"]
+            commands.append(args)
+    return commands
+
+
+def metrics_of(run: dict) -> dict[str, float]:
+    return {m["key"]: m["value"] for m in run["data"].get("metrics", [])}
+
+
+def tags_of(run: dict) -> dict[str, str]:
+    return {t["key"]: t["value"] for t in run["data"].get("tags", [])}
+
+
+def params_of(run: dict) -> dict[str, str]:
+    return {p["key"]: p["value"] for p in run["data"].get("params", [])}
+
+
+def test_server_script_binds_loopback_and_refuses_a_store_without_scheme(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, str(SERVER_SCRIPT), "--backend-store-uri", str(tmp_path / "mlflow.db")],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2
+    (line,) = done.stderr.strip().splitlines()
+    assert "has no scheme" in line and "sqlite:///" in line
+    help_text = subprocess.run(
+        [sys.executable, str(SERVER_SCRIPT), "--help"], capture_output=True, text=True
+    ).stdout
+    assert "default: 127.0.0.1" in help_text
+
+
+def test_tiny_training_logs_over_http_and_rest_search_returns_its_eval_metrics(
+    server: TrackingServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CI profile's vae through every stage command of the pipeline, in process (a `dvc
+    repro` would start one process per stage), logging to the server only."""
+    work = tmp_path / "work"
+    work.mkdir()
+    params = work / "params.yaml"
+    params.write_text((REPO / "params.yaml").read_text())
+    done = subprocess.run(
+        [sys.executable, str(CI_TRAIN), "--params-only", "--params", str(params)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    tiny = yaml.safe_load(params.read_text()) | {"families": ["vae"]}
+    params.write_text(yaml.safe_dump(tiny, sort_keys=False))
+    monkeypatch.chdir(work)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
+    for command in stage_commands(REPO / "dvc.yaml", ["vae"]):  # what `dvc repro` runs
+        assert genlab_main(command) == 0, command
+
+    assert not (work / "mlflow.db").exists()  # nothing went to a local store
+    (run,) = server.search_runs("digits", "tags.family = 'vae'", ["metrics.`eval/fid` ASC"])
+    assert run["info"]["status"] == "FINISHED"
+    metrics = metrics_of(run)
+    written = json.loads((work / "metrics/vae.json").read_text())
+    expected = {k: v for k, v in written.items() if isinstance(v, int | float)}  # the numbers
+    assert {"eval/fid", "eval/kid_mean", "eval/precision", "eval/recall"} <= set(expected)
+    for key, value in expected.items():
+        assert metrics[key] == pytest.approx(value), key
+    assert "train/loss" in metrics and "val/nll_bound_nats" in metrics
+    assert params_of(run)["model.latent_dim"] == "4"
+    assert tags_of(run)["dvc_stage"] == "train@vae"
+
+    # Artifacts went through the server (served artifacts) into its own store.
+    assert run["info"]["artifact_uri"].startswith("mlflow-artifacts:")
+    listed = server.rest("artifacts/list", run_id=run["info"]["run_id"], path="checkpoint")
+    assert [f["path"] for f in listed["files"]] == ["checkpoint/model.ckpt"]
+    assert list((server.data_dir / "artifacts").rglob("model.ckpt"))
+
+
+@pytest.mark.slow
+def test_two_queued_experiments_run_in_parallel_land_complete_in_the_server(
+    server: TrackingServer, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """`dvc exp run --queue` twice and `dvc queue start -j 2` against the server: both runs
+    complete, with their params, `eval/*` metrics and checkpoints, sorted by FID over REST."""
+    from test_pipeline import _env, make_repo
+
+    root = make_repo(tmp_path_factory.mktemp("genlab-queue-server"), {"families": ["vae"]})
+    env = _env() | {"MLFLOW_TRACKING_URI": server.uri}
+
+    def dvc(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "dvc", *args], cwd=root, env=env, capture_output=True, text=True
+        )
+        assert done.returncode == 0, f"dvc {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
+        return done.stdout
+
+    for name, latent in (("q-three", 3), ("q-five", 5)):
+        dvc("exp", "run", "--queue", "-n", name, "-S", f"models.vae.latent_dim={latent}")
+    dvc("queue", "start", "-j", "2")
+    deadline = time.monotonic() + 1500
+    while True:
+        status = dvc("queue", "status")
+        if not any(word in status for word in ("Queued", "Running")):
+            break
+        assert time.monotonic() < deadline, status
+        time.sleep(5)
+    assert "Failed" not in status, status + dvc("queue", "logs", "q-three")
+    assert not (root / "mlflow.db").exists()  # every run went to the server
+
+    runs = server.search_runs("digits", "tags.family = 'vae'", ["metrics.`eval/fid` ASC"])
+    by_exp = {tags_of(r).get("dvc_exp_name"): r for r in runs}
+    assert set(by_exp) == {"q-three", "q-five"}
+    for name, latent in (("q-three", 3), ("q-five", 5)):
+        run = by_exp[name]
+        assert run["info"]["status"] == "FINISHED"
+        assert params_of(run)["model.latent_dim"] == str(latent)
+        metrics = metrics_of(run)
+        assert {"eval/fid", "eval/kid_mean", "test/nll_bound_nats"} <= set(metrics)
+        listed = server.rest("artifacts/list", run_id=run["info"]["run_id"], path="checkpoint")
+        assert [f["path"] for f in listed["files"]] == ["checkpoint/model.ckpt"]
+    fids = [metrics_of(r)["eval/fid"] for r in runs]
+    assert fids == sorted(fids)  # side by side, in the server's order
