@@ -3,6 +3,7 @@ on tiny params, checked against the real SQLite MLflow store it writes."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -27,15 +28,12 @@ from genlab.models import MODELS
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin: dvc and genlab live here
 
-# The CI profile (what .github/workflows/train.yml trains): every family, tiny.
+# The CI profile (what .github/workflows/train.yml trains): every family, tiny; merged over
+# params.yaml by the very function `scripts/ci_train.py` applies it with.
 TINY = yaml.safe_load((REPO / "ci/params.yaml").read_text())
-
-
-def _merge(base: dict, override: dict) -> dict:
-    out = dict(base)
-    for key, value in override.items():
-        out[key] = _merge(base[key], value) if isinstance(value, dict) else value
-    return out
+_spec = importlib.util.spec_from_file_location("ci_train", REPO / "scripts/ci_train.py")
+ci_train = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(ci_train)
 
 
 def _tracked_files() -> list[str]:
@@ -104,8 +102,8 @@ def make_repo(root: Path, override: dict | None = None) -> Path:
     for name in _tracked_files():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, root / name)
-    params = _merge(yaml.safe_load((REPO / "params.yaml").read_text()), TINY)
-    params = _merge(params, override or {})
+    params = ci_train.overlay(yaml.safe_load((REPO / "params.yaml").read_text()), TINY)
+    params = ci_train.overlay(params, override or {})
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q"], root)
     run(["git", "add", "-A"], root)
