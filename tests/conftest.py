@@ -77,6 +77,9 @@ def fit_and_reload(tmp_path: Path) -> FitAndReload:
             enable_model_summary=False,
             enable_checkpointing=False,
             default_root_dir=tmp_path,
+            # Training values are logged on logging steps only (GenerativeModule.log_train):
+            # every step here, so callback_metrics hold them.
+            log_every_n_steps=1,
         )
         loader = DataLoader(TensorDataset(x, y), batch_size=8)
         trainer.fit(model, loader, loader)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -297,3 +298,69 @@ def test_a_nan_loss_or_divergence_stops_training_and_keeps_the_last_good_checkpo
     assert kept["global_step"] == 4
     assert all(t.isfinite().all() for t in kept["state_dict"].values() if t.is_floating_point())
     assert str(ckpt_dir / "last.ckpt") in str(error.value)
+
+
+@pytest.mark.parametrize("family", ["vae", "gan"])  # one automatic, one manual optimisation
+def test_training_values_reach_mlflow_on_lightnings_logging_steps(
+    family: str, tiny: dict, prepared_digits: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """`log_train` calls Lightning's self.log only on the steps Lightning sends to the loggers:
+    every train/* curve still has one point every `log_every_n_steps` batches, all at the same
+    steps."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = _tiny_params(family, tiny, tmp_path, max_epochs=3, log_every_n_steps=5)
+    result = train_family(
+        params,
+        family,
+        prepared_dir=prepared_digits,
+        out_dir=tmp_path / "model",
+        checkpoint_root=tmp_path / "checkpoints",
+    )
+    client = MlflowClient(params.tracking.uri)
+    run = client.get_run(result.run.run_id)
+    keys = [k for k in run.data.metrics if k.startswith("train/") and k != "train/wall_s"]
+    assert "train/loss" in keys and len(keys) > 1
+    batches = 3 * 4  # 1000 training images in batches of 250
+    for key in keys:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert len(steps) == batches // 5, (key, steps)
+        assert len({b - a for a, b in itertools.pairwise(steps)}) == 1, (key, steps)  # evenly
+    first = {k: [m.step for m in client.get_metric_history(run.info.run_id, k)] for k in keys}
+    assert len({tuple(v) for v in first.values()}) == 1, first
+
+
+class NetworksSeen(Callback):
+    """What the fitted module's networks look like during training."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.compiled = [n._compiled_call_impl is not None for n in pl_module.networks()]
+        convs = [m for m in pl_module.modules() if isinstance(m, torch.nn.Conv2d)]
+        self.channels_last = [
+            m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs
+        ]
+
+
+def test_compiled_channels_last_training_checkpoints_load_into_a_plain_model(
+    tiny: dict, prepared_digits: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """trainer.compile compiles every network in place and trainer.channels_last converts the
+    convolutions; the checkpoint keeps the plain model's keys, so evaluation loads it as ever."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = _tiny_params("vae", tiny, tmp_path, max_epochs=1, log_every_n_steps=1)
+    trainer = params.trainer.model_copy(update={"compile": True, "channels_last": True})
+    params = params.model_copy(update={"trainer": trainer})
+    seen = NetworksSeen()
+    result = train_family(
+        params,
+        "vae",
+        prepared_dir=prepared_digits,
+        out_dir=tmp_path / "model",
+        checkpoint_root=tmp_path / "checkpoints",
+        callbacks=[seen],
+    )
+    assert seen.compiled and all(seen.compiled)
+    assert seen.channels_last and all(seen.channels_last)
+    state = torch.load(result.checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    assert not any("_orig_mod" in key for key in state)
+    model = MODELS["vae"].load_from_checkpoint(result.checkpoint, weights_only=True)
+    assert model.sample(3).dtype == torch.uint8

@@ -94,10 +94,16 @@ class TrainerParams(Strict):
     # auto: DDP when devices or num_nodes ask for more than one process; ddp: always.
     strategy: Literal["auto", "ddp"] = "auto"
     precision: Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true", "64-true"] = "32-true"
-    log_every_n_steps: PositiveInt = 10
+    log_every_n_steps: PositiveInt = 50
     # A grid of samples is logged to MLflow every this many epochs (and after the last one).
     sample_every_n_epochs: PositiveInt = 25
     sample_grid_size: Annotated[int, Field(ge=1, le=256)] = 64
+    # torch.compile each network of the family in place (checkpoints keep their keys): a
+    # compilation at the start of every fit, repaid by long GPU runs; rarely worth it on CPU.
+    compile: bool = False
+    # channels_last memory format for the networks: faster convolutions on GPUs with tensor
+    # cores (bf16-mixed/16-mixed); no gain on CPU.
+    channels_last: bool = False
 
     @property
     def multi_process(self) -> bool:
@@ -155,6 +161,11 @@ class PredictionParams(Strict):
     # Monte Carlo samples per image when a family's likelihood is a bound (IWAE k for the VAE,
     # dequantization draws for a flow, bound terms for diffusion); exact families ignore it.
     bound_samples: PositiveInt = 30  # 10 left the diffusion classifier at 94% on digits, 30: 98%
+    # A conditional bound family scores every class with a fifth of the draws, then only this
+    # many best classes with all of them (successive elimination); null: every class, all draws.
+    # Diffusion on digits, 30 draws: 3 kept the accuracy (0.980) and the marginal NLL (+0.04
+    # nats) at 2.3x less time, 2 cost 0.5 points of accuracy.
+    shortlist: PositiveInt | None = 3
     # Fraction of the validation split that the in-distribution threshold may reject.
     fpr: Annotated[float, Field(gt=0, lt=1)] = 0.05
     # The statistic behind the verdict: log p(x) itself, or its distance from the validation

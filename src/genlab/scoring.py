@@ -323,6 +323,7 @@ def _log_px(
         samples=prediction.bound_samples,
         batch_size=protocol.batch_size,
         seed=protocol.seed,
+        shortlist=prediction.shortlist,
     ).log_px
 
 

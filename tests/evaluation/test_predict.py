@@ -175,3 +175,32 @@ def test_bound_scores_reuse_the_same_draws_for_every_class(tiny: dict[str, dict]
         torch.manual_seed(7)
         first = model.log_prob(x[:4], torch.full((4,), 3), samples=4).double()
     assert torch.allclose(a.joint[:4, 3], first)
+
+
+def test_a_shortlist_rescores_the_best_classes_with_every_draw(tiny: dict[str, dict]) -> None:
+    """Successive elimination on a conditional bound family: every class is screened with a
+    fifth of the draws; the `shortlist` best of each image get exactly the all-draw score of
+    full scoring (same seed, same draws), the others their screening score capped below them."""
+    kwargs = tiny["vae"] | {"conditional": True}
+    torch.manual_seed(0)
+    model = MODELS["vae"](image_shape=(1, 8, 8), levels=17, num_classes=10, **kwargs).eval()
+    x = torch.randint(17, (6, 1, 8, 8), dtype=torch.uint8)
+    prior = torch.linspace(-3, -1.5, 10).double()
+    kw = {"log_prior": prior, "samples": 10, "batch_size": 6, "seed": 7}
+    full = score_images(model, x, **kw)
+    short = score_images(model, x, shortlist=3, **kw)
+    screen = score_images(model, x, **kw | {"samples": 2})  # 10 // 5 draws
+    top = screen.joint.topk(3, dim=1).indices
+    kept = torch.zeros_like(full.joint, dtype=torch.bool).scatter_(1, top, True)
+    assert torch.allclose(short.joint[kept], full.joint[kept])
+    lowest = short.joint.masked_fill(~kept, math.inf).min(1, keepdim=True).values
+    out = torch.minimum(screen.joint, lowest)
+    assert torch.allclose(short.joint[~kept], out[~kept])
+    assert torch.equal(short.log_px, torch.logsumexp(short.joint, dim=1))
+    # Everything kept, or a family whose score draws nothing: the full scores.
+    assert torch.equal(score_images(model, x, shortlist=10, **kw).joint, full.joint)
+    probs = torch.full((10, 64, 17), 1 / 17)
+    exact = PixelCategorical(probs, image_shape=(1, 8, 8), conditional=True)
+    assert torch.equal(
+        score_images(exact, x, shortlist=2, **kw).joint, score_images(exact, x, **kw).joint
+    )

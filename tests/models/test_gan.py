@@ -57,6 +57,7 @@ def fit(model: GAN, n: int = 16, batches_per_epoch: int = 2) -> GradNorms:
         enable_model_summary=False,
         enable_checkpointing=False,
         callbacks=[callback],
+        log_every_n_steps=1,  # training values reach callback_metrics on logging steps only
     )
     trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=n // batches_per_epoch))
     # global_step counts generator updates only: one per batch, whatever n_critic is.

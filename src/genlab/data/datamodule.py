@@ -1,7 +1,8 @@
 """LightningDataModule over the prepared splits, held in memory as tensors.
 
-The splits are small enough to preload, so a batch is one tensor index instead of a
-`DataLoader` collating single samples. The loaders are built for exact resume and for DDP:
+The splits are small enough to preload (uint8 levels), on the training device itself, so a batch
+is one tensor index instead of a `DataLoader` collating single samples and copying them over.
+The loaders are built for exact resume and for DDP:
 
 - the training order of epoch e is a permutation drawn from a generator seeded by (seed, e),
   so it depends on nothing that happened before epoch e (a resumed run sees the same order);
@@ -100,6 +101,7 @@ class TensorBatches:
         resume, self._resume = self._resume, None
         start = resume[1] if resume is not None and resume[0] == self.epoch else 0
         self._consumed = start
+        indices = indices.to(self.x.device)
         for b in range(start, math.ceil(len(indices) / self.batch_size)):
             batch = indices[b * self.batch_size : (b + 1) * self.batch_size]
             self._consumed = b + 1
@@ -139,10 +141,20 @@ class PreparedDataModule(L.LightningDataModule):
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
+    def _device(self) -> torch.device:
+        """Where the batches are used: the trainer's device (a GPU's data is copied there once,
+        not batch by batch), the CPU without a trainer."""
+        trainer = self.trainer
+        return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+
     def _loader(self, name: str, shuffle: bool) -> TensorBatches:
         self.setup()
         rank, world_size = self._shard()
+        device = self._device()
         x, y = self._splits[name]
+        if x.device != device:
+            x, y = x.to(device), y.to(device)
+            self._splits[name] = (x, y)
         return TensorBatches(
             x, y, self.batch_size, shuffle=shuffle, seed=self.seed, rank=rank, world_size=world_size
         )

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +41,27 @@ class Generated:
     samples: torch.Tensor  # (N, C, H, W) uint8 levels
     labels: torch.Tensor | None  # (N,) requested classes for a conditional model
     seconds: float
+
+
+@dataclass
+class Phases:
+    """Wall seconds of the evaluate stage's phases (what `benchmarks/evaluation.py` prints and
+    the metrics record as ``time/<phase>_s``): where an evaluation spends its time."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def __call__(self, name: str, device: torch.device | str = "cpu") -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if torch.device(device).type == "cuda":
+                torch.cuda.synchronize(device)  # the phase's kernels, not just their launch
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def metrics(self) -> dict[str, float]:
+        return {f"time/{name}_s": s for name, s in self.seconds.items()}
 
 
 def evaluation_labels(model: GenerativeModule, n: int) -> torch.Tensor | None:
@@ -88,6 +111,7 @@ def prediction_metrics(
     kw = {
         "log_prior": log_prior(splits["train"].y, model.num_classes),
         "samples": params.bound_samples,
+        "shortlist": params.shortlist,
         "batch_size": protocol.batch_size,
         "seed": protocol.seed,
     }
@@ -127,35 +151,42 @@ def generation_metrics(
     protocol: EvaluateParams,
     num_classes: int,
     device: torch.device | str = "cpu",
+    phases: Phases | None = None,
 ) -> dict[str, float]:
     """Every sample metric from one feature extraction of the samples, against the cached
     features of the real data: FID, KID, precision/recall, the Inception(-style) score and, for
     class-conditional samples (`labels`), the conditional accuracy and per-class FID.
 
     The conditional accuracy is the evaluator's: with the Inception extractor its logits are
-    ImageNet's, so the evaluator then classifies the samples too (its logits only)."""
-    generated = extract_features(
-        samples, extractor, batch_size=protocol.batch_size, device=device, name="samples"
-    )
-    metrics = metrics_from_features(generated, reference.test, protocol).as_dict()
-    if labels is not None:
-        if extractor.logits_are_classes:
-            class_logits = generated.logits
-        else:
-            _, class_logits = evaluator_outputs(
-                evaluator_path, samples, batch_size=protocol.batch_size, device=device
-            )
-        metrics["eval/cond_acc"] = accuracy(class_logits, labels)
-        # float64 for the per-class statistics (small sets).
-        per_class = class_fid(
-            generated.features.double(),
-            labels,
-            reference.test.features.double(),
-            reference_y,
-            num_classes,
+    ImageNet's, so the evaluator then classifies the samples too (its logits only). `phases`
+    receives the seconds of feature extraction and of the metrics."""
+    phases = phases if phases is not None else Phases()
+    with phases("features", device):
+        generated = extract_features(
+            samples, extractor, batch_size=protocol.batch_size, device=device, name="samples"
         )
-        metrics |= {f"eval/class_fid_{k}": v for k, v in per_class.items()}
-        metrics["eval/class_fid_mean"] = float(np.mean(list(per_class.values())))
+        class_logits = None
+        if labels is not None:
+            if extractor.logits_are_classes:
+                class_logits = generated.logits
+            else:
+                _, class_logits = evaluator_outputs(
+                    evaluator_path, samples, batch_size=protocol.batch_size, device=device
+                )
+    with phases("metrics"):
+        metrics = metrics_from_features(generated, reference.test, protocol).as_dict()
+        if labels is not None:
+            metrics["eval/cond_acc"] = accuracy(class_logits, labels)
+            # float64 for the per-class statistics (small sets).
+            per_class = class_fid(
+                generated.features.double(),
+                labels,
+                reference.test.features.double(),
+                reference_y,
+                num_classes,
+            )
+            metrics |= {f"eval/class_fid_{k}": v for k, v in per_class.items()}
+            metrics["eval/class_fid_mean"] = float(np.mean(list(per_class.values())))
     return metrics
 
 
@@ -185,7 +216,7 @@ def evaluate_model(
     The real data's features come from `reference_dir` (the `reference` stage), checked against
     the protocol before any sampling. Sampling, the costly part, is split over the processes of
     `shard`; rank 0 gathers the samples, extracts their features once and computes every metric
-    (other ranks: None)."""
+    (other ranks: None). The seconds of each phase are metrics too (``time/<phase>_s``)."""
     meta = read_meta(prepared_dir)
     extractor, measured_under = measurement(protocol, evaluator_path, meta)
     reference = load_reference(reference_dir, measured_under)
@@ -203,6 +234,7 @@ def evaluate_model(
     if int(samples.max()) >= meta.levels:
         raise ValueError(f"{type(model).__name__}.sample returned levels above {meta.levels - 1}")
 
+    phases = Phases({"sampling": generated.seconds})
     metrics = generation_metrics(
         samples,
         generated.labels,
@@ -213,6 +245,7 @@ def evaluate_model(
         protocol=protocol,
         num_classes=model.num_classes,
         device=model.device,
+        phases=phases,
     )
     metrics["eval/samples_per_s"] = protocol.num_samples / generated.seconds
     metrics["eval/nfe_per_sample"] = model.nfe_per_sample
@@ -224,24 +257,28 @@ def evaluate_model(
 
     if model.likelihood != "none":
         # Test only: the validation curve is already in the run, measured during training.
-        metrics |= likelihood_metrics(
-            model, {"test": test}, batch_size=protocol.batch_size, seed=protocol.seed
-        )
+        with phases("likelihood", model.device):
+            metrics |= likelihood_metrics(
+                model, {"test": test}, batch_size=protocol.batch_size, seed=protocol.seed
+            )
     if scorer(model) is not None:
-        metrics |= prediction_metrics(model, splits, params=prediction, protocol=protocol)
+        with phases("prediction", model.device):
+            metrics |= prediction_metrics(model, splits, params=prediction, protocol=protocol)
     if model.has_latent:
-        rep = represent(
-            model,
-            splits["train"],
-            test,
-            representation,
-            levels=meta.levels,
-            batch_size=protocol.batch_size,
-        )
+        with phases("representation", model.device):
+            rep = represent(
+                model,
+                splits["train"],
+                test,
+                representation,
+                levels=meta.levels,
+                batch_size=protocol.batch_size,
+            )
         metrics |= rep.metrics
         grids["interpolation"] = rep.interpolation
         if rep.traversal is not None:
             grids["traversal"] = rep.traversal
+    metrics |= phases.metrics()
     return Evaluation(
         metrics={k: float(v) for k, v in sorted(metrics.items())},
         grids=grids,

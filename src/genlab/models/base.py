@@ -28,7 +28,8 @@ from typing import ClassVar, Literal
 
 import lightning as L
 import torch
-from torchmetrics import MeanMetric
+from torch.optim.swa_utils import AveragedModel
+from torchmetrics import MeanMetric, Metric
 
 Likelihood = Literal["exact", "lower_bound", "none"]
 
@@ -102,6 +103,32 @@ class GenerativeModule(L.LightningModule):
         trainer's finite check every few steps, where a host sync is paid anyway; the default
         trusts the loss."""
         return None
+
+    def log_train(self, values: dict[str, torch.Tensor]) -> None:
+        """Log a training step's values, on the steps Lightning sends to the loggers (every
+        `trainer.log_every_n_steps`) only.
+
+        Lightning's `self.log` costs about a millisecond per value on a CPU on every call (it
+        moves its result collection to the value's device and crosses a torch.compile boundary),
+        and a step value logged between two logging steps is dropped unseen (on_step only, and
+        genlab shows no progress bar): on the small models here that was up to a third of the
+        step (benchmarks/overhead.py). Which steps log is Lightning's own rule, read from its
+        logger connector (no public accessor in Lightning 2.6; without it, every step logs).
+        `trainer.callback_metrics` so hold the values of the last logging step."""
+        trainer = self._trainer
+        connector = getattr(trainer, "_logger_connector", None)
+        if connector is not None and not getattr(connector, "should_update_logs", True):
+            return
+        self.log_dict(values)
+
+    def networks(self) -> list[torch.nn.Module]:
+        """The trained networks (direct children with parameters): what `trainer.compile`
+        compiles. Metrics and averaged copies (an EMA, only used to sample) are left out."""
+        return [
+            m
+            for m in self.children()
+            if not isinstance(m, Metric | AveragedModel) and any(True for _ in m.parameters())
+        ]
 
     def labels_for(self, y: torch.Tensor | None) -> torch.Tensor | None:
         """The labels the model conditions on: `y` for a conditional model, else None."""

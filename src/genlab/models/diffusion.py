@@ -663,7 +663,7 @@ class Diffusion(GenerativeModule):
     ) -> torch.Tensor:
         x, y = batch
         loss = self.loss_simple(self._scale(x), self.labels_for(y))
-        self.log("train/loss", loss, prog_bar=True)
+        self.log_train({"train/loss": loss})
         return loss
 
     def _ema_decay(self, step: int) -> float:

@@ -362,11 +362,11 @@ class EBM(GenerativeModule):
         terms = self.objective(x, self.labels_for(y))
         # Energies of data and samples drifting apart without bound is how EBM training
         # diverges: both are logged so it shows in the curves.
-        self.log("train/loss", terms.loss, prog_bar=True)
-        self.log("train/energy_pos", terms.energy_pos.mean())
-        self.log("train/energy_neg", terms.energy_neg.mean())
+        logged = {"train/loss": terms.loss, "train/energy_pos": terms.energy_pos.mean()}
+        logged["train/energy_neg"] = terms.energy_neg.mean()
         if terms.ce is not None:
-            self.log("train/ce", terms.ce)
+            logged["train/ce"] = terms.ce
+        self.log_train(logged)
         gap = (terms.energy_neg.mean() - terms.energy_pos.mean()).detach()
         self.gap_streak = torch.where(gap > ENERGY_GAP_LIMIT, self.gap_streak + 1, 0)
         return terms.loss

@@ -641,9 +641,10 @@ class Flow(GenerativeModule):
         x, y = batch
         terms = self.bound(x, self.labels_for(y))
         loss = -terms.bound.mean()
-        self.log("train/loss", loss, prog_bar=True)
+        logged = {"train/loss": loss}
         if self.dequantizer is not None:
-            self.log("train/dequant_entropy_nats", -terms.log_q.mean())
+            logged["train/dequant_entropy_nats"] = -terms.log_q.mean()
+        self.log_train(logged)
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:

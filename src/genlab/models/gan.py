@@ -306,13 +306,11 @@ class GAN(GenerativeModule):
         self.discriminator.requires_grad_(True)
         self.ema.update_parameters(self.generator)
 
-        self.log("train/loss", loss_g, prog_bar=True)
-        self.log("train/loss_g", loss_g)
-        self.log("train/loss_d", loss_d.detach())
-        self.log("train/d_real", d_real.detach().mean())
-        self.log("train/d_fake", d_fake.detach().mean())
+        logged = {"train/loss": loss_g, "train/loss_g": loss_g, "train/loss_d": loss_d.detach()}
+        logged |= {"train/d_real": d_real.detach().mean(), "train/d_fake": d_fake.detach().mean()}
         if self.hparams.gradient_penalty != "none":
-            self.log("train/gp", penalty.detach())
+            logged["train/gp"] = penalty.detach()
+        self.log_train(logged)
         won = loss_d.detach() < D_WIN_LOSS
         self.d_win_streak = torch.where(won, self.d_win_streak + 1, 0)
         return {"loss_g": loss_g.detach(), "loss_d": loss_d.detach()}  # for the finite check

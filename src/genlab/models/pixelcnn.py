@@ -284,8 +284,7 @@ class PixelCNN(GenerativeModule):
     ) -> torch.Tensor:
         x, y = batch
         loss = self.nll(x, self.labels_for(y)).mean()
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/bpd", bits_per_dim(loss, self.dims))
+        self.log_train({"train/loss": loss, "train/bpd": bits_per_dim(loss, self.dims)})
         return loss
 
     def configure_optimizers(self) -> OptimizerLRSchedulerConfig:

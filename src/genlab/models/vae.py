@@ -313,9 +313,8 @@ class VAE(GenerativeModule):
         x, y = batch
         terms = self.elbo(x, self.labels_for(y))
         loss = -terms.elbo.mean()
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/recon_nats", -terms.log_px_z.mean())
-        self.log("train/kl_nats", terms.kl.mean())
+        logged = {"train/loss": loss, "train/recon_nats": -terms.log_px_z.mean()}
+        self.log_train(logged | {"train/kl_nats": terms.kl.mean()})
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
