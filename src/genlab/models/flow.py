@@ -520,7 +520,7 @@ class Flow(GenerativeModule):
 
     likelihood = "lower_bound"
     has_latent = True
-    training_defaults: ClassVar[dict[str, int]] = {"max_epochs": 120, "batch_size": 64}
+    training_defaults: ClassVar[dict[str, int]] = {"max_epochs": 40, "batch_size": 64}
 
     def __init__(
         self,
