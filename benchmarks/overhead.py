@@ -50,7 +50,7 @@ from genlab.config import Params, parse_params
 from genlab.data.datamodule import epoch_permutation
 from genlab.data.prepared import load_split, prepare
 from genlab.models import MODELS
-from genlab.training import build_model, train_family
+from genlab.training import build_model, for_speed, train_family
 
 TARGET = 0.9
 # Dense tensor-core peak, TFLOP/s, for bf16/fp16 (SXM parts; from the vendors' datasheets).
@@ -146,12 +146,7 @@ class HandLoop:
         tp = params.trainer
         self.device = tp.eval_device
         torch.manual_seed(params.seed)
-        model = build_model(params, family, prepared).to(self.device)
-        if tp.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        if tp.compile:
-            for network in model.networks():
-                network.compile()
+        model = for_speed(build_model(params, family, prepared).to(self.device), tp)
         self.model = model.train()
         config = model.configure_optimizers()
         self.optimiser = config["optimizer"] if isinstance(config, dict) else config

@@ -283,6 +283,17 @@ def build_model(params: Params, family: str, prepared_dir: str | Path) -> Genera
     )
 
 
+def for_speed(model: GenerativeModule, tp: TrainerParams) -> GenerativeModule:
+    """`model` as `trainer.channels_last` and `trainer.compile` ask: channels_last convolutions,
+    each network compiled in place (the state dict keeps its keys, checkpoints load as ever)."""
+    if tp.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if tp.compile:
+        for network in model.networks():
+            network.compile()
+    return model
+
+
 def train_family(
     params: Params,
     family: str,
@@ -303,13 +314,8 @@ def train_family(
     ckpt_dir.mkdir(parents=True, exist_ok=True)
 
     L.seed_everything(params.seed, workers=True)
-    model = build_model(params, family, prepared_dir)
+    model = for_speed(build_model(params, family, prepared_dir), params.trainer)
     tp = params.trainer
-    if tp.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if tp.compile:
-        for network in model.networks():
-            network.compile()  # in place: the state dict keeps its keys, checkpoints load as ever
     datamodule = PreparedDataModule(prepared_dir, fp.batch_size, seed=params.seed)
 
     record = None
