@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import lightning as L
@@ -10,6 +11,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from genlab import warm
 from genlab.config import DatasetParams
 from genlab.data.prepared import prepare
 from genlab.models import GenerativeModule
@@ -19,6 +21,17 @@ from genlab.models import GenerativeModule
 def _one_thread() -> None:
     """The test machines are small and shared: one intra-op thread keeps runs predictable."""
     torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _warm_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The `genlab` commands the tests start (through dvc or directly) share this session's warm
+    servers (genlab.warm), which stop when the session ends instead of idling on."""
+    folder = tmp_path_factory.mktemp("warm")
+    folder.chmod(0o700)
+    os.environ[warm.DIR_VARIABLE] = str(folder)
+    yield
+    warm.stop_servers(folder)
 
 
 @pytest.fixture(scope="session")
