@@ -72,6 +72,8 @@ KEY_VARIABLES = (
     "TORCHINDUCTOR_",
     "NCCL_",
     "MPL",
+    "MLFLOW_CONFIGURE_LOGGING",
+    "MLFLOW_LOGGING_LEVEL",
     "PYTHON",
     "LD_",
     "LANG",
