@@ -294,7 +294,8 @@ def _submit(conn: socket.socket, argv: list[str]) -> int | None:
         return 1
     code = json.loads(finished)["exit"]
     if code < 0:  # the worker died of a signal: so does its caller, as a plain process would
-        signal.signal(-code, signal.SIG_DFL)
+        with contextlib.suppress(OSError, ValueError):  # SIGKILL's handler cannot be set
+            signal.signal(-code, signal.SIG_DFL)
         os.kill(os.getpid(), -code)
         return 128 - code
     return code
@@ -428,7 +429,14 @@ def serve(path: Path) -> Request | None:
                     if request is None:
                         conn.close()
                         continue
-                    pid = os.fork()
+                    try:
+                        pid = os.fork()
+                    except OSError as exc:  # no worker: the caller runs the command itself
+                        _log(f"fork failed: {exc}")
+                        for fd in request.fds:
+                            os.close(fd)
+                        conn.close()
+                        continue
                     if pid == 0:
                         selector.close()
                         for sock in (listener, wake_r, wake_w, conn, *workers.values()):
@@ -438,7 +446,8 @@ def serve(path: Path) -> Request | None:
                     for fd in request.fds:
                         os.close(fd)
                     _log(f"worker {pid}: {' '.join(request.argv[1:])} (in {request.cwd})")
-                    conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+                    with contextlib.suppress(OSError):  # a caller gone already: see below
+                        conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
                     workers[pid] = conn
                     selector.register(conn, selectors.EVENT_READ, pid)
                 else:  # a caller's socket: readable only when it closed (it sends nothing)
@@ -461,12 +470,9 @@ def serve(path: Path) -> Request | None:
 def _receive(conn: socket.socket) -> Request | None:
     """One command: its length and standard streams, then its JSON (argv, cwd, env)."""
     conn.settimeout(10)
+    fds: list[int] = []
     try:
         head, fds, _, _ = socket.recv_fds(conn, _LENGTH.size, 3)
-        if len(head) != _LENGTH.size or len(fds) != 3:
-            for fd in fds:
-                os.close(fd)
-            return None
         (size,) = _LENGTH.unpack(head)
         body = bytearray()
         while len(body) < size:
@@ -475,11 +481,15 @@ def _receive(conn: socket.socket) -> Request | None:
                 break
             body += chunk
         message = json.loads(body)
-    except (OSError, ValueError):
+        if len(fds) != 3:
+            raise ValueError(f"{len(fds)} standard streams")
+        return Request(list(message["argv"]), message["cwd"], dict(message["env"]), fds)
+    except (OSError, ValueError, KeyError, TypeError, struct.error):
+        for fd in fds:
+            os.close(fd)
         return None
     finally:
         conn.settimeout(None)
-    return Request(list(message["argv"]), message["cwd"], dict(message["env"]), fds)
 
 
 def _reap(workers: dict[int, socket.socket], selector) -> float | None:
