@@ -195,6 +195,19 @@ def test_switched_off_the_command_runs_in_its_own_process(tmp_path: Path) -> Non
     assert not folder.exists()
 
 
+def test_on_by_default_on_linux_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(warm.SWITCH, raising=False)
+    monkeypatch.setattr(sys, "platform", "linux")
+    assert warm.enabled()
+    monkeypatch.setenv(warm.SWITCH, "0")
+    assert not warm.enabled()
+    monkeypatch.setattr(sys, "platform", "darwin")  # forking after macOS frameworks is unsafe
+    monkeypatch.delenv(warm.SWITCH)
+    assert not warm.enabled()
+    monkeypatch.setenv(warm.SWITCH, "1")
+    assert warm.enabled()
+
+
 def test_a_worker_ends_as_the_interpreter_would_without_tearing_down_modules(
     tmp_path: Path,
 ) -> None:

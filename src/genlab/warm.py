@@ -22,9 +22,10 @@ What makes a worker a faithful copy of a fresh process:
 - A multi-process launch that re-executes `sys.argv` (Lightning's DDP launcher) starts new
   `genlab` commands, which are workers of their own.
 
-`GENLAB_WARM=0` runs every command in its own process instead, as does anything the warm path
-cannot do (an unsafe or over-long socket folder, a server that fails to start): nothing runs
-twice, because a command falls back only when no worker was started for it. A server exits after
+This is the default on Linux (elsewhere `GENLAB_WARM=1` turns it on). `GENLAB_WARM=0` runs
+every command in its own process instead, as does anything the warm path cannot do (an unsafe
+or over-long socket folder, a server that fails to start): nothing runs twice, because a
+command falls back only when no worker was started for it. A server exits after
 `GENLAB_WARM_IDLE_S` seconds (default 300) without a command, and logs every command it ran to
 `<key>.log` next to its socket in `GENLAB_WARM_DIR` (default: `genlab-warm-<uid>` in the temporary
 folder).
@@ -103,9 +104,17 @@ SERVE = "from genlab.warm import serve_main; serve_main()"
 _LENGTH = struct.Struct("!I")
 
 
+def enabled() -> bool:
+    """On by default on Linux; elsewhere (forking a process that loaded macOS frameworks is not
+    safe, Windows cannot fork) only with GENLAB_WARM=1."""
+    if not hasattr(os, "fork") or not hasattr(socket, "AF_UNIX"):
+        return False
+    return os.environ.get(SWITCH, "1" if sys.platform.startswith("linux") else "0") != "0"
+
+
 def main() -> int:
     """The `genlab` console script: the command in a warm server, or here when it cannot be."""
-    if os.environ.get(SWITCH, "1") != "0":
+    if enabled():
         code = run_warm(sys.argv)
         if code is not None:
             return code
