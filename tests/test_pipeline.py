@@ -24,6 +24,7 @@ from genlab import paths
 from genlab.config import load_params
 from genlab.evaluation.predict import scorer
 from genlab.models import MODELS
+from pre_emption import start_until_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin: dvc and genlab live here
@@ -314,19 +315,7 @@ def test_a_killed_training_is_not_recorded_and_the_next_repro_resumes_it(
     }
     root = make_repo(tmp_path_factory.mktemp("genlab-sigterm"), override)
     (root / "dvc.lock").unlink()  # the copied lock records the repository's own runs
-    repro = subprocess.Popen(
-        ["dvc", "repro", "train@vae"],
-        cwd=root,
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    deadline = time.monotonic() + 180
-    while not list(root.glob("checkpoints/vae/*/last.ckpt")):
-        assert repro.poll() is None, repro.communicate()[0]
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.2)
+    repro = start_until_checkpoint(["dvc", "repro", "train@vae"], cwd=root, env=_env())
     (training,) = [
         p for p in psutil.Process(repro.pid).children(recursive=True) if "train" in p.cmdline()
     ]

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,13 +16,14 @@ import yaml
 from lightning.pytorch.callbacks import Callback
 from mlflow.tracking import MlflowClient
 
-from genlab.config import DatasetParams, parse_params
+from genlab.config import DatasetParams, Params, parse_params
 from genlab.data.prepared import prepare
 from genlab.errors import TrainingDiverged, TrainingInterrupted
 from genlab.models import MODELS
 from genlab.models.ebm import ENERGY_GAP_STEPS
 from genlab.models.gan import D_WIN_STEPS
 from genlab.training import MODEL_FILE, train_family
+from pre_emption import start_until_checkpoint
 
 GENLAB = [sys.executable, "-m", "genlab.cli"]
 
@@ -45,20 +45,10 @@ def _env(tmp: Path) -> dict[str, str]:
 def test_sigterm_exits_nonzero_writes_nothing_final_and_resume_finishes(tmp_path: Path) -> None:
     prepare(DatasetParams(), tmp_path / "data/prepared")
     _params(tmp_path, max_epochs=150)
-    proc = subprocess.Popen(
-        [*GENLAB, "train", "vae"],
-        cwd=tmp_path,
-        env=_env(tmp_path),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    proc = start_until_checkpoint(
+        [*GENLAB, "train", "vae"], cwd=tmp_path, env=_env(tmp_path), timeout_s=120
     )
     ckpt_root = tmp_path / "checkpoints/vae"
-    deadline = time.monotonic() + 120
-    while not list(ckpt_root.glob("*/last.ckpt")):
-        assert proc.poll() is None, proc.communicate()[0]
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
 
@@ -106,13 +96,7 @@ def test_sample_grids_logged_during_training_land_in_the_mlflow_run(
             "tracking": {"uri": store},
         }
     )
-    result = train_family(
-        params,
-        family,
-        prepared_dir=prepared_digits,
-        out_dir=tmp_path / "model",
-        checkpoint_root=tmp_path / "checkpoints",
-    )
+    result = _train(params, family, prepared_digits, tmp_path)
     assert (tmp_path / "model" / MODEL_FILE).is_file()
     client = MlflowClient(store)
     images = [a.path for a in client.list_artifacts(result.run.run_id, "images")]
@@ -132,6 +116,18 @@ def _tiny_params(family: str, tiny: dict, tmp: Path, *, max_epochs: int, log_eve
             },
             "tracking": {"uri": f"sqlite:///{tmp / 'mlflow.db'}"},
         }
+    )
+
+
+def _train(params: Params, family: str, prepared: Path, root: Path, *callbacks: Callback):
+    """`train_family` with its outputs under `root`: model/ (final) and checkpoints/."""
+    return train_family(
+        params,
+        family,
+        prepared_dir=prepared,
+        out_dir=root / "model",
+        checkpoint_root=root / "checkpoints",
+        callbacks=list(callbacks),
     )
 
 
@@ -197,14 +193,7 @@ def test_resume_after_a_kill_is_bit_identical(
     params = _tiny_params(family, tiny, tmp_path, max_epochs=2, log_every_n_steps=1)
 
     def train(name: str, *callbacks: Callback):
-        return train_family(
-            params,
-            family,
-            prepared_dir=prepared_digits,
-            out_dir=tmp_path / name / "model",
-            checkpoint_root=tmp_path / name / "checkpoints",
-            callbacks=callbacks,
-        )
+        return _train(params, family, prepared_digits, tmp_path / name, *callbacks)
 
     train("straight")
     with pytest.raises(TrainingInterrupted, match="received SIGTERM"):
@@ -282,14 +271,7 @@ def test_a_nan_loss_or_divergence_stops_training_and_keeps_the_last_good_checkpo
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     params = _tiny_params(family, tiny, tmp_path, max_epochs=3, log_every_n_steps=50)
     with pytest.raises(TrainingDiverged, match=message) as error:
-        train_family(
-            params,
-            family,
-            prepared_dir=prepared_digits,
-            out_dir=tmp_path / "model",
-            checkpoint_root=tmp_path / "checkpoints",
-            callbacks=[fault],
-        )
+        _train(params, family, prepared_digits, tmp_path, fault)
     assert "\n" not in str(error.value)
     assert not (tmp_path / "model" / MODEL_FILE).exists()
     (ckpt_dir,) = (tmp_path / "checkpoints").iterdir()
@@ -309,13 +291,7 @@ def test_training_values_reach_mlflow_on_lightnings_logging_steps(
     steps."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     params = _tiny_params(family, tiny, tmp_path, max_epochs=3, log_every_n_steps=5)
-    result = train_family(
-        params,
-        family,
-        prepared_dir=prepared_digits,
-        out_dir=tmp_path / "model",
-        checkpoint_root=tmp_path / "checkpoints",
-    )
+    result = _train(params, family, prepared_digits, tmp_path)
     client = MlflowClient(params.tracking.uri)
     run = client.get_run(result.run.run_id)
     keys = [k for k in run.data.metrics if k.startswith("train/") and k != "train/wall_s"]
@@ -350,14 +326,7 @@ def test_compiled_channels_last_training_checkpoints_load_into_a_plain_model(
     trainer = params.trainer.model_copy(update={"compile": True, "channels_last": True})
     params = params.model_copy(update={"trainer": trainer})
     seen = NetworksSeen()
-    result = train_family(
-        params,
-        "vae",
-        prepared_dir=prepared_digits,
-        out_dir=tmp_path / "model",
-        checkpoint_root=tmp_path / "checkpoints",
-        callbacks=[seen],
-    )
+    result = _train(params, "vae", prepared_digits, tmp_path, seen)
     assert seen.compiled and all(seen.compiled)
     assert seen.channels_last and all(seen.channels_last)
     state = torch.load(result.checkpoint, map_location="cpu", weights_only=True)["state_dict"]

@@ -22,6 +22,7 @@ import yaml
 from genlab import warm
 from genlab.config import DatasetParams
 from genlab.data.prepared import prepare
+from pre_emption import start_until_checkpoint
 
 GENLAB = str(Path(sys.executable).parent / "genlab")  # the console script: the warm path
 WORKER = re.compile(r"\[(\d+)\] worker (\d+): (.*) \(in (.*)\)$")
@@ -106,19 +107,7 @@ def test_signals_reach_the_worker_and_a_killed_caller_takes_its_worker_with_it(
 
     def start_training() -> tuple[subprocess.Popen[str], psutil.Process]:
         known = {pid for _, pid, *_ in _workers(warm_dir)}
-        caller = subprocess.Popen(
-            [GENLAB, "train", "vae"],
-            cwd=tmp_path,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        deadline = time.monotonic() + 180
-        while not list(tmp_path.glob("checkpoints/vae/*/last.ckpt")):
-            assert caller.poll() is None, caller.communicate()[0]
-            assert time.monotonic() < deadline, "no checkpoint appeared"
-            time.sleep(0.2)
+        caller = start_until_checkpoint([GENLAB, "train", "vae"], cwd=tmp_path, env=env)
         (worker,) = [pid for _, pid, *_ in _workers(warm_dir) if pid not in known]
         return caller, psutil.Process(worker)
 
