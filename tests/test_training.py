@@ -22,7 +22,7 @@ from genlab.errors import TrainingDiverged, TrainingInterrupted
 from genlab.models import MODELS
 from genlab.models.ebm import ENERGY_GAP_STEPS
 from genlab.models.gan import D_WIN_STEPS
-from genlab.training import MODEL_FILE, train_family
+from genlab.training import MODEL_FILE, NVML_CHECK, train_family
 from pre_emption import start_until_checkpoint
 
 GENLAB = [sys.executable, "-m", "genlab.cli"]
@@ -303,6 +303,25 @@ def test_training_values_reach_mlflow_on_lightnings_logging_steps(
         assert len({b - a for a, b in itertools.pairwise(steps)}) == 1, (key, steps)  # evenly
     first = {k: [m.step for m in client.get_metric_history(run.info.run_id, k)] for k in keys}
     assert len({tuple(v) for v in first.values()}) == 1, first
+
+
+class EnvironmentSeen(Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        self.nvml_check = os.environ.get(NVML_CHECK, "unset")
+
+
+def test_the_fit_runs_without_lightnings_nvml_cuda_check(
+    tiny: dict, prepared_digits: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """Importing Lightning sets PYTORCH_NVML_BASED_CUDA_CHECK=1, which makes every optimiser step
+    try to load NVML; the fit runs without it, and the process gets it back after."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert os.environ.get(NVML_CHECK) == "1"  # as importing Lightning left it
+    params = _tiny_params("vae", tiny, tmp_path, max_epochs=1, log_every_n_steps=1)
+    seen = EnvironmentSeen()
+    _train(params, "vae", prepared_digits, tmp_path, seen)
+    assert seen.nvml_check == "unset"
+    assert os.environ.get(NVML_CHECK) == "1"
 
 
 class NetworksSeen(Callback):

@@ -8,10 +8,12 @@ checkpoints live in a folder keyed by a hash of the training config and are resu
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +49,25 @@ RUN_FILE = "run.json"
 MODEL_FILE = "model.ckpt"
 SPOOL_DIR = "spool"  # <checkpoint dir>/spool: MLflow calls that failed, for `genlab sync`
 LAST = "last"  # in-progress checkpoint: <checkpoint_root>/<config hash>/last.ckpt
+NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
+
+
+@contextmanager
+def without_nvml_cuda_check() -> Iterator[None]:
+    """The block runs without the PYTORCH_NVML_BASED_CUDA_CHECK=1 that importing Lightning sets.
+
+    Lightning sets it so that looking for CUDA does not initialise CUDA in a process that forks
+    later. torch's optimisers look for an accelerator at every step, and with the variable set
+    each look first tries to load NVML: where there is none (a CPU machine) that fails, uncached,
+    and CUDA is asked anyway. It was 0.3 ms per optimiser step, 4% of a VAE step on 2 cores. A
+    fit forks nothing that uses CUDA (DDP starts fresh processes), and once CUDA is initialised
+    torch caches the answer, so without it nothing changes but the cost."""
+    saved = os.environ.pop(NVML_CHECK, None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ[NVML_CHECK] = saved
 
 
 def grid_labels(model: GenerativeModule, n: int) -> torch.Tensor | None:
@@ -61,15 +82,28 @@ class StepSeeds(Callback):
     of a training step then depends on where the step is, not on the history of the process, so
     a run resumed from a checkpoint draws exactly what the uninterrupted run drew. (Saving the
     RNG state in the checkpoint does not do it: DESIGN.md, "Known traps".)
+
+    The seeds from a batch to its epoch's end are derived together, at the epoch's first batch
+    (or a resumed epoch's first): one tight loop costs a fraction of deriving each between two
+    training steps.
     """
 
     def __init__(self, seed: int) -> None:
         self.seed = seed
+        self._epoch: int | None = None
+        self._seeds: dict[int, int] = {}  # batch -> seed, for the epoch `_epoch`
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: object, batch_idx: int
     ) -> None:
-        seed = derived_seed(self.seed, trainer.current_epoch, batch_idx, trainer.global_rank)
+        epoch, rank = trainer.current_epoch, trainer.global_rank
+        if epoch != self._epoch or batch_idx not in self._seeds:
+            n = trainer.num_training_batches  # inf for an endless loader: one seed at a time
+            end = int(n) if math.isfinite(n) else batch_idx + 1
+            batches = range(batch_idx, max(end, batch_idx + 1))
+            self._seeds = {b: derived_seed(self.seed, epoch, b, rank) for b in batches}
+            self._epoch = epoch
+        seed = self._seeds[batch_idx]
         # The generators a training step draws from: the CPU's and, on a GPU, its device's.
         # (torch.manual_seed also reseeds every other backend's, a millisecond per step here.)
         torch.default_generator.manual_seed(seed)
@@ -81,16 +115,16 @@ class FiniteCheck(Callback):
     """Stops training with `TrainingDiverged` when a loss turns NaN/Inf or the family reports
     divergence (`GenerativeModule.divergence`), before any checkpoint of the broken state.
 
-    The first non-finite step is recorded on the device every step (no host sync); the host
-    looks at it every `every_n_steps` batches (where Lightning syncs to log anyway) and at the
-    last batch of every epoch, which precedes validation and the epoch's checkpoints;
+    Each step's losses are kept as they are (detached, on the device: no op, no host sync); the
+    host looks at them every `every_n_steps` batches (where Lightning syncs to log anyway) and at
+    the last batch of every epoch, which precedes validation and the epoch's checkpoints;
     `SignalCheckpoint` looks before it saves.
     """
 
     def __init__(self, every_n_steps: int, ckpt_dir: Path) -> None:
         self.every_n_steps = every_n_steps
         self.ckpt_dir = ckpt_dir
-        self._first_bad: torch.Tensor | None = None  # (1,) batch number, -1 while all finite
+        self._losses: list[tuple[int, list[torch.Tensor]]] = []  # (step, losses) since a check
         self._batches = 0
 
     def on_train_batch_end(
@@ -102,25 +136,31 @@ class FiniteCheck(Callback):
         batch_idx: int,
     ) -> None:
         losses = outputs.values() if isinstance(outputs, dict) else [outputs]
-        losses = [v.detach() for v in losses if isinstance(v, torch.Tensor)]
-        if self._first_bad is None:
-            self._first_bad = torch.full((), -1, dtype=torch.long, device=pl_module.device)
-        if losses:
-            finite = torch.stack([v.float().isfinite().all() for v in losses]).all()
-            unmarked = (~finite) & (self._first_bad < 0)
-            # The step this loss is logged at in MLflow (global_step already counts this batch).
-            self._first_bad = torch.where(unmarked, trainer.global_step - 1, self._first_bad)
+        # The step this loss is logged at in MLflow (global_step already counts this batch).
+        step = trainer.global_step - 1
+        self._losses.append((step, [v.detach() for v in losses if isinstance(v, torch.Tensor)]))
         self._batches += 1
         if self._batches % self.every_n_steps == 0 or batch_idx + 1 >= trainer.num_training_batches:
             self.check(trainer, pl_module, synced=True)
+
+    def _first_bad_step(self, device: torch.device) -> torch.Tensor:
+        """The first kept step with a non-finite loss, -1 if none (a 0-d tensor on `device`)."""
+        kept = [(step, v) for step, losses in self._losses for v in losses]
+        if not kept:
+            return torch.tensor(-1, device=device)
+        finite = torch.stack([v.isfinite().all().to(device) for _, v in kept])
+        steps = torch.tensor([step for step, _ in kept], device=device)
+        # argmax returns the first of equal maxima: the first non-finite loss.
+        return torch.where(finite.all(), -1, steps[(~finite).int().argmax()])
 
     def check(self, trainer: L.Trainer, model: GenerativeModule, *, synced: bool) -> None:
         """Raise if this rank (or, `synced`, any rank: a collective call every rank makes at the
         same step) saw a non-finite loss or divergence."""
         reason = model.divergence()
-        bad = self._first_bad if self._first_bad is not None else torch.tensor(-1)
+        bad = self._first_bad_step(model.device)
+        self._losses.clear()
         diverged = torch.tensor(int(reason is not None), device=model.device)
-        flags = torch.stack([bad.to(model.device), diverged])
+        flags = torch.stack([bad, diverged])
         if synced and trainer.world_size > 1:
             flags = trainer.strategy.reduce(flags, reduce_op="max")
         step, diverged = (int(v) for v in flags.tolist())
@@ -366,7 +406,8 @@ def train_family(
     last = ckpt_dir / f"{LAST}.ckpt"
     resume = last if last.is_file() else None
     try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
+        with without_nvml_cuda_check():
+            trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
     except SIGTERMException:
         # Lightning raises SystemExit(None) here: exit code 0, which DVC would record as a
         # finished stage. Turn it into a failure; SignalCheckpoint saved the last batch.
