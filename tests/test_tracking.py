@@ -15,6 +15,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import pytest
+from lightning.pytorch.callbacks import ModelCheckpoint
 from mlflow.tracking import MlflowClient
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -117,6 +118,53 @@ def test_spool_replay_is_in_order_exactly_once_and_sets_refusals_aside(tmp_path:
     counts = spool.replay(client)
     assert (counts.metrics, counts.rejected) == (4, 2) and not spool.pending()
     assert len(client.get_metric_history(run_id, "train/loss")) == 4
+
+
+def test_metrics_are_gathered_and_sent_at_checkpoints_before_other_records_and_at_the_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Against a SQLite store: values logged within FLUSH_S of the last send travel together in
+    one request, at the next checkpoint, before the next other record or at the end, each with
+    the step and time of its call."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("gathered")).info.run_id
+    logger = SpoolingMLFlowLogger(tracking_uri=uri, run_id=run_id, spool_dir=tmp_path / "spool")
+    requests: list[str] = []
+    real_send = genlab.spool.send
+
+    def counted_send(client, run_id, record, payload=None):  # the real send, counted
+        requests.append(f"{record['kind']}:{len(record.get('metrics', []))}")
+        real_send(client, run_id, record, payload)
+
+    monkeypatch.setattr(genlab.spool, "send", counted_send)
+    monkeypatch.setattr(genlab.spool, "FLUSH_S", 3600.0)
+
+    def history() -> dict[int, int]:
+        return {m.step: m.timestamp for m in client.get_metric_history(run_id, "train/loss")}
+
+    called_ms = {}
+    for step in range(5):
+        before = int(time.time() * 1000)
+        logger.log_metrics({"train/loss": 1.0 / (step + 1)}, step=step)
+        called_ms[step] = (before, int(time.time() * 1000))
+    assert list(history()) == [0] and requests == ["metrics:1"]  # the first goes at once
+    logger.after_save_checkpoint(ModelCheckpoint(dirpath=tmp_path / "ckpt"))
+    assert requests == ["metrics:1", "metrics:4"]
+    assert all(lo <= history()[step] <= hi for step, (lo, hi) in called_ms.items())
+
+    logger.log_metrics({"train/loss": 0.1}, step=5)
+    logger.log_image(np.zeros((4, 4, 3), np.uint8), "samples", step=1)
+    logger.log_metrics({"train/loss": 0.05}, step=6)
+    assert requests[2:] == ["metrics:1", "image:0"] and 6 not in history()
+    logger.finalize("success")
+    assert requests[4:] == ["metrics:1", "terminated:0"] and sorted(history()) == list(range(7))
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+    monkeypatch.setattr(genlab.spool, "FLUSH_S", 0.0)  # past FLUSH_S: the call sends
+    logger.log_metrics({"train/loss": 0.01}, step=7)
+    assert requests[6:] == ["metrics:1"] and 7 in history()
+    assert not Spool(tmp_path / "spool").exists()  # nothing failed, nothing spooled
 
 
 class StopServerAfterFirstEpoch(L.Callback):
@@ -229,6 +277,7 @@ def test_outage_during_fit_is_spooled_and_synced_after_restart(
     # A hung server (stopped, not gone): a call gives up within seconds, the next ones are spooled
     # without waiting, and after the backoff the spool is replayed and logging goes direct again.
     monkeypatch.setattr(genlab.spool, "RETRY_AFTER_S", 1.0)
+    monkeypatch.setattr(genlab.spool, "FLUSH_S", 0.0)  # every call sends (or spools) at once
     # The outage at the end of the fit started a backoff of the old length: end it (the spool is
     # empty), or the calls below are spooled without contacting the store when this test runs
     # faster than that backoff.

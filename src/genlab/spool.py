@@ -24,6 +24,7 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -35,6 +36,7 @@ from typing import Any
 
 import numpy as np
 from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
@@ -48,6 +50,10 @@ from genlab.tracking import check_reachable, short_http_retries
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 20.0  # after a failure, spool without contacting the store for this long
+# Metric values are sent at most this often (and at every checkpoint, any other record, the end).
+# One MLflow write costs about 4-8 ms of CPU on a SQLite store whatever it holds: at every
+# logging step it was about a tenth of a logging epoch of the small models (benchmarks/overhead.py).
+FLUSH_S = 5.0
 HEADER = "spool.json"
 RECORDS = "records.jsonl"
 CURSOR = "replayed"
@@ -386,6 +392,11 @@ def find_spools(paths: list[Path]) -> list[Spool]:
 class SpoolingMLFlowLogger(MLFlowLogger):
     """Lightning's MLflow logger for an existing run, that never lets the store stop training.
 
+    Metric values are gathered and sent together, in one request: at the first call FLUSH_S
+    after the last send, before any other record, after every checkpoint Lightning saves (so
+    what a resumed run would not log again is never only in memory), at `finalize` and by
+    `flush`. Each value keeps the step and timestamp of its call.
+
     Every call that talks to the store (metrics, params, tags, images, texts, artifacts, the
     final status) is sent with short HTTP retries (`short_http_retries`). If it fails for an
     outage, the record goes to the spool at `spool_dir` with its original step and timestamp, one
@@ -416,6 +427,8 @@ class SpoolingMLFlowLogger(MLFlowLogger):
         self.spool = Spool(spool_dir)
         self._down_until = 0.0  # time.monotonic() before which the store is not contacted
         self._outage = False
+        self._metrics: list[list[Any]] = []  # [key, value, timestamp, step] not yet sent
+        self._flushed_at = -math.inf  # time.monotonic() of the last metrics send
         if rank_zero_only.rank == 0:
             try:
                 self.spool.bind(tracking_uri, run_id)
@@ -438,8 +451,22 @@ class SpoolingMLFlowLogger(MLFlowLogger):
                 continue
             key = f"{self._prefix}{self.LOGGER_JOIN_CHAR}{key}" if self._prefix else key
             values.append([key, float(value), timestamp, step or 0])
-        if values:
+        self._metrics += values
+        if time.monotonic() - self._flushed_at >= FLUSH_S:
+            self.flush()
+
+    @rank_zero_only
+    def flush(self) -> None:
+        """Send the metric values gathered since the last send, in one request."""
+        self._flushed_at = time.monotonic()
+        if self._metrics:
+            values, self._metrics = self._metrics, []
             self._submit({"kind": "metrics", "metrics": values})
+
+    @rank_zero_only
+    def after_save_checkpoint(self, checkpoint_callback: ModelCheckpoint) -> None:
+        super().after_save_checkpoint(checkpoint_callback)
+        self.flush()
 
     @rank_zero_only
     def log_hyperparams(self, params: dict[str, Any] | Any) -> None:
@@ -489,6 +516,8 @@ class SpoolingMLFlowLogger(MLFlowLogger):
     # -- the spooling ---------------------------------------------------------------------------
 
     def _submit(self, record: dict[str, Any], payload: Any = None) -> None:
+        if record["kind"] != "metrics":
+            self.flush()  # the gathered metrics go first: records reach the store in call order
         if time.monotonic() < self._down_until:
             self.spool.append(record, payload)
             return
