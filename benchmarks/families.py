@@ -4,8 +4,9 @@ sample, parameters and peak memory, with the default params.yaml settings.
 Each family runs in a forked child of this process (imports done once, nothing of torch run
 before the fork, so each child starts from the same state): a short training through
 `train_family` (what `genlab train` runs, into a temporary MLflow store), then `sample` of one
-evaluation batch. Training throughput covers the training batches of every epoch but the first
-(warm-up); peak memory is the child's peak resident set above its size at the fork on CPU,
+evaluation batch. Training throughput covers the training of every epoch but the first
+(warm-up), from the epoch's start to its last batch's end (validation after it is not counted);
+peak memory is the child's peak resident set above its size at the fork on CPU,
 torch's peak allocation on a GPU.
 
     uv run python benchmarks/families.py            # 3 epochs, a 250-image sampling batch
