@@ -458,9 +458,9 @@ class SpoolingMLFlowLogger(MLFlowLogger):
     @rank_zero_only
     def flush(self) -> None:
         """Send the metric values gathered since the last send, in one request."""
-        self._flushed_at = time.monotonic()
         if self._metrics:
             values, self._metrics = self._metrics, []
+            self._flushed_at = time.monotonic()
             self._submit({"kind": "metrics", "metrics": values})
 
     @rank_zero_only
