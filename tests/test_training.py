@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -310,18 +311,29 @@ class EnvironmentSeen(Callback):
         self.nvml_check = os.environ.get(NVML_CHECK, "unset")
 
 
-def test_the_fit_runs_without_lightnings_nvml_cuda_check(
+def test_the_fit_runs_without_lightnings_nvml_cuda_check_and_misleading_warnings(
     tiny: dict, prepared_digits: Path, tmp_path: Path, monkeypatch
 ) -> None:
     """Importing Lightning sets PYTORCH_NVML_BASED_CUDA_CHECK=1, which makes every optimiser step
-    try to load NVML; the fit runs without it, and the process gets it back after."""
+    try to load NVML; the fit runs without it, and the process gets it back after. Lightning's
+    warnings about a non-empty checkpoint folder (run.json is there) and an epoch shorter than
+    the logging interval (curves log by global step) are not printed; others still are."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert os.environ.get(NVML_CHECK) == "1"  # as importing Lightning left it
-    params = _tiny_params("vae", tiny, tmp_path, max_epochs=1, log_every_n_steps=1)
+    # 4 batches per epoch, logging every 8 steps: the curves still get their points.
+    params = _tiny_params("vae", tiny, tmp_path, max_epochs=2, log_every_n_steps=8)
     seen = EnvironmentSeen()
-    _train(params, "vae", prepared_digits, tmp_path, seen)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = _train(params, "vae", prepared_digits, tmp_path, seen)
+        warnings.warn("Checkpoint directory /x exists and is not empty.", stacklevel=1)
     assert seen.nvml_check == "unset"
     assert os.environ.get(NVML_CHECK) == "1"
+    messages = [str(w.message) for w in caught]
+    assert not any("logging interval" in m for m in messages), messages
+    assert sum("exists and is not empty" in m for m in messages) == 1, messages  # ours only
+    client = MlflowClient(params.tracking.uri)
+    assert [m.step for m in client.get_metric_history(result.run.run_id, "train/loss")] == [7]
 
 
 class NetworksSeen(Callback):

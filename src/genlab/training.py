@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -50,6 +51,13 @@ MODEL_FILE = "model.ckpt"
 SPOOL_DIR = "spool"  # <checkpoint dir>/spool: MLflow calls that failed, for `genlab sync`
 LAST = "last"  # in-progress checkpoint: <checkpoint_root>/<config hash>/last.ckpt
 NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
+# Two of Lightning's warnings that are wrong about a genlab fit, printed by every training: the
+# checkpoint folder holds the run's run.json (and any spool) before its first checkpoint, and the
+# curves are logged by global step, so an epoch shorter than `log_every_n_steps` still logs.
+MISLEADING_WARNINGS = (
+    r"Checkpoint directory .* exists and is not empty",
+    r"The number of training batches \(\d+\) is smaller than the logging interval",
+)
 
 
 @contextmanager
@@ -68,6 +76,15 @@ def without_nvml_cuda_check() -> Iterator[None]:
     finally:
         if saved is not None:
             os.environ[NVML_CHECK] = saved
+
+
+@contextmanager
+def without_misleading_warnings() -> Iterator[None]:
+    """The block runs with MISLEADING_WARNINGS ignored (the filters are restored after it)."""
+    with warnings.catch_warnings():
+        for message in MISLEADING_WARNINGS:
+            warnings.filterwarnings("ignore", message=message)
+        yield
 
 
 def grid_labels(model: GenerativeModule, n: int) -> torch.Tensor | None:
@@ -406,7 +423,7 @@ def train_family(
     last = ckpt_dir / f"{LAST}.ckpt"
     resume = last if last.is_file() else None
     try:
-        with without_nvml_cuda_check():
+        with without_nvml_cuda_check(), without_misleading_warnings():
             trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
     except SIGTERMException:
         # Lightning raises SystemExit(None) here: exit code 0, which DVC would record as a
