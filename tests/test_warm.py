@@ -5,6 +5,7 @@ where the warm path cannot be used, the command runs in its own process."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -37,7 +38,9 @@ def warm_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 def _env(folder: Path, **extra: str) -> dict[str, str]:
+    """A shell's environment: without what this process's `import lightning` set."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
     return env | {warm.DIR_VARIABLE: str(folder), "OMP_NUM_THREADS": "1"} | extra
 
 
@@ -78,6 +81,9 @@ def test_commands_run_in_one_warm_server_with_the_callers_directory_environment_
     assert len(ran) == 3 and len({server for server, *_ in ran}) == 1, ran
     assert sorted(cwd for *_, cwd in ran) == sorted(map(str, (a, b, b)))
     assert len(list(warm_dir.glob("*.sock"))) == 1
+    # What the imports set in the server's environment, its workers get again (_become).
+    (log,) = warm_dir.glob("*.log")
+    assert "the imports set PYTORCH_NVML_BASED_CUDA_CHECK=1" in log.read_text()
 
     # A failing command: its one-line error on the caller's stderr, its exit code the caller's.
     bad = _genlab("--params", "missing.yaml", "prepare", cwd=a, env=env)
@@ -195,6 +201,32 @@ def test_on_by_default_on_linux_only(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not warm.enabled()
     monkeypatch.setenv(warm.SWITCH, "1")
     assert warm.enabled()
+
+
+def test_a_worker_takes_the_callers_directory_and_environment_plus_what_imports_set(
+    tmp_path: Path,
+) -> None:
+    """`_become` in a forked-like process: the caller's cwd, argv and environment replace the
+    server's, and the variables the server's imports set are set again on top."""
+    script = f"""
+import json, os, sys
+from genlab.warm import Request, _become
+fds = [os.dup(0), os.dup(1), os.dup(2)]
+caller = {{"PATH": os.environ["PATH"], "CALLERS": "own", "PYTORCH_NVML_BASED_CUDA_CHECK": "0"}}
+os.environ["SERVERS"] = "not the caller's"
+_become(Request(["genlab", "sync"], {str(tmp_path)!r}, caller, fds),
+        {{"PYTORCH_NVML_BASED_CUDA_CHECK": "1"}})
+print(json.dumps([os.getcwd(), sys.argv, dict(os.environ)]))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    cwd, argv, env = json.loads(done.stdout)
+    assert (cwd, argv) == (str(tmp_path), ["genlab", "sync"])
+    assert env == {
+        "PATH": os.environ["PATH"],
+        "CALLERS": "own",
+        "PYTORCH_NVML_BASED_CUDA_CHECK": "1",  # what a fresh process's `import lightning` sets
+    }
 
 
 def test_a_worker_ends_as_the_interpreter_would_without_tearing_down_modules(

@@ -17,6 +17,8 @@ What makes a worker a faithful copy of a fresh process:
   command starts a new server; the old one exits when idle.
 - The server never runs a torch operation and never initialises CUDA (it checks), so a forked
   worker can start its own thread pools and devices.
+- A worker's environment is the caller's, plus what the server's imports set in theirs, as the
+  same imports would in a fresh process (Lightning sets PYTORCH_NVML_BASED_CUDA_CHECK=1).
 - A worker reseeds Python's and numpy's global generators from the OS, as a fresh process would
   (MLflow's run names come from `random`).
 - A multi-process launch that re-executes `sys.argv` (Lightning's DDP launcher) starts new
@@ -385,8 +387,10 @@ def serve(path: Path) -> Request | None:
     import importlib
     import selectors
 
+    launched = dict(os.environ)
     for name in PRELOAD:
         importlib.import_module(name)
+    imported = {k: v for k, v in os.environ.items() if launched.get(k) != v}
     import torch
 
     if torch.cuda.is_initialized():  # a forked worker could not use CUDA
@@ -401,7 +405,7 @@ def serve(path: Path) -> Request | None:
     os.replace(staging, path)  # callers connect only once the imports are done
     inode = path.stat().st_ino
     Place(path).pid.write_text(f"{server_pid}\n")
-    _log(f"serving on {path}")
+    _log(f"serving on {path}; the imports set {' '.join(f'{k}={v}' for k, v in imported.items())}")
 
     wake_r, wake_w = socket.socketpair()
     wake_r.setblocking(False)
@@ -450,7 +454,7 @@ def serve(path: Path) -> Request | None:
                         selector.close()
                         for sock in (listener, wake_r, wake_w, conn, *workers.values()):
                             sock.close()
-                        _become(request)
+                        _become(request, imported)
                         return request
                     for fd in request.fds:
                         os.close(fd)
@@ -525,9 +529,10 @@ def _reap(workers: dict[int, socket.socket], selector) -> float | None:
     return finished
 
 
-def _become(request: Request) -> None:
+def _become(request: Request, imported: dict[str, str]) -> None:
     """Turn this forked worker into the caller's command: its signals, streams, directory,
-    environment, argv and fresh random state."""
+    environment (with the variables the server's imports set, `imported`, set again), argv and
+    fresh random state."""
     import random
 
     signal.set_wakeup_fd(-1)
@@ -538,7 +543,7 @@ def _become(request: Request) -> None:
         os.close(fd)
     os.chdir(request.cwd)
     os.environ.clear()
-    os.environ.update(request.env)
+    os.environ.update(request.env | imported)
     sys.argv = list(request.argv)
     # Streams keep their objects (libraries hold them: MLflow's log handler does) on the new fds;
     # line-buffered where a fresh process would be.
