@@ -17,6 +17,7 @@ import yaml
 from lightning.pytorch.callbacks import Callback
 from mlflow.tracking import MlflowClient
 
+import genlab.spool
 from genlab.config import DatasetParams, Params, parse_params
 from genlab.data.prepared import prepare
 from genlab.errors import TrainingDiverged, TrainingInterrupted
@@ -283,16 +284,34 @@ def test_a_nan_loss_or_divergence_stops_training_and_keeps_the_last_good_checkpo
     assert str(ckpt_dir / "last.ckpt") in str(error.value)
 
 
+class StoreSeen(Callback):
+    """At each epoch's start, how many points each train/* curve has in the MLflow store."""
+
+    def __init__(self) -> None:
+        self.points: dict[int, set[int]] = {}
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        logger = trainer.logger
+        client, run_id = logger.experiment, logger.run_id
+        keys = [k for k in client.get_run(run_id).data.metrics if k.startswith("train/")]
+        lengths = {len(client.get_metric_history(run_id, k)) for k in keys}
+        self.points[trainer.current_epoch] = lengths
+
+
 @pytest.mark.parametrize("family", ["vae", "gan"])  # one automatic, one manual optimisation
 def test_training_values_reach_mlflow_on_lightnings_logging_steps(
     family: str, tiny: dict, prepared_digits: Path, tmp_path: Path, monkeypatch
 ) -> None:
     """`log_train` calls Lightning's self.log only on the steps Lightning sends to the loggers:
     every train/* curve still has one point every `log_every_n_steps` batches, all at the same
-    steps."""
+    steps. The logger gathers values (FLUSH_S made an hour here), and each epoch's checkpoint
+    sends them: the point of batch 5 is in the store when epoch 2 starts."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(genlab.spool, "FLUSH_S", 3600.0)
     params = _tiny_params(family, tiny, tmp_path, max_epochs=3, log_every_n_steps=5)
-    result = _train(params, family, prepared_digits, tmp_path)
+    seen = StoreSeen()
+    result = _train(params, family, prepared_digits, tmp_path, seen)
+    assert seen.points == {0: set(), 1: set(), 2: {1}}, seen.points
     client = MlflowClient(params.tracking.uri)
     run = client.get_run(result.run.run_id)
     keys = [k for k in run.data.metrics if k.startswith("train/") and k != "train/wall_s"]
