@@ -1,15 +1,18 @@
-"""Where the evaluate stage spends its time: sampling, feature extraction and metric computation,
-and the likelihood, prediction (OOD, classification) and representation parts, per family.
+"""Where the evaluate stage spends its time: sampling, feature extraction, the sample metrics with
+their bootstrap intervals, memorisation, and the likelihood, prediction (OOD, classification) and
+representation parts, per family; then the baselines stage's rows.
 
 Runs the evaluate stage's own function (`evaluate_model`) on the models of the last
-`uv run dvc repro` (models/<family>/model.ckpt), one process, with the evaluate, prediction and
-representation params of params.yaml and the cached real-data features of data/reference.
-"other" is what the stage does outside the measured phases (loading the splits, grids).
+`uv run dvc repro` (models/<family>/seed<k>/model.ckpt), one process, with the evaluate,
+prediction and representation params of params.yaml and the cached real-data features of
+data/reference. "other" is what the stage does outside the measured phases (loading the splits,
+grids).
 
     uv run python benchmarks/evaluation.py                   # the stage's protocol
-    uv run python benchmarks/evaluation.py --quick           # 200 samples, 2 bound terms, 1 OOD
-                                                             # set, held-out bounds with at most
-                                                             # 10 draws, reference computed here
+    uv run python benchmarks/evaluation.py --quick           # 2 sets of 200 samples, 2 bound
+                                                             # terms, 1 OOD set, held-out bounds
+                                                             # with at most 10 draws, reference
+                                                             # computed here
     uv run python benchmarks/evaluation.py --family diffusion
 """
 
@@ -24,42 +27,66 @@ from pathlib import Path
 from genlab import paths
 from genlab.config import load_params
 from genlab.data.prepared import read_meta
+from genlab.evaluation import vocabulary as v
+from genlab.evaluation.baselines import baseline_metrics
 from genlab.evaluation.evaluate import evaluate_model
-from genlab.evaluation.fidelity import compute_reference, measurement, save_reference
+from genlab.evaluation.protocol import (
+    compute_reference,
+    load_reference,
+    measurement,
+    save_reference,
+)
 from genlab.models import MODELS
 from genlab.training import MODEL_FILE
 
-PHASES = ("sampling", "features", "metrics", "likelihood", "prediction", "representation")
+# The evaluate stage's phases (evaluation/evaluate.py): "metrics" are the sample metrics with
+# their bootstrap intervals, "memorisation" the copying statistics; "likelihood" includes the
+# held-out - train gap.
+PHASES = (
+    "sampling",
+    "features",
+    "metrics",
+    "memorisation",
+    "likelihood",
+    "prediction",
+    "representation",
+)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", action="append", choices=sorted(MODELS), help="repeatable")
     parser.add_argument("--quick", action="store_true", help="a reduced protocol")
+    parser.add_argument("--seed", type=int, help="training seed (default: the first of seeds)")
     args = parser.parse_args(argv)
 
     params = load_params()
     families = args.family or params.families
     protocol, prediction = params.evaluate, params.prediction
     device = params.trainer.eval_device
-    missing = [f for f in families if not (paths.family_model_dir(f) / MODEL_FILE).is_file()]
+    seed = params.seeds[0] if args.seed is None else args.seed
+    missing = [f for f in families if not (paths.family_model_dir(f, seed) / MODEL_FILE).is_file()]
     if missing:
         sys.exit(f"no trained model for {', '.join(missing)}: run `uv run dvc repro` first")
     with tempfile.TemporaryDirectory(prefix="genlab-evaluation-") as tmp:
         reference_dir = paths.REFERENCE
         if args.quick:
-            protocol = protocol.model_copy(update={"num_samples": 200, "kid_subset_size": 100})
+            protocol = protocol.model_copy(
+                update={"num_samples": 200, "sample_seeds": 2, "kid_subset_size": 100}
+            )
             prediction = prediction.model_copy(update={"bound_samples": 2, "ood_sets": ["noise"]})
-            meta = read_meta(paths.PREPARED)
-            extractor, measured = measurement(protocol, paths.EVALUATOR, meta)
+            extractor, measured = measurement(protocol, paths.EVALUATOR, read_meta(paths.PREPARED))
             reference = compute_reference(
                 paths.PREPARED, extractor, measured, batch_size=protocol.batch_size, device=device
             )
             reference_dir = Path(tmp)
             save_reference(reference, reference_dir, measured)
 
+        meta = read_meta(paths.PREPARED)
+        extractor, measured = measurement(protocol, paths.EVALUATOR, meta)
         print(
-            f"{protocol.num_samples} samples, {prediction.bound_samples} bound terms, "
+            f"{measured.sample_seeds} sets of {measured.num_samples} samples, "
+            f"{measured.bootstrap} bootstrap draws, {prediction.bound_samples} bound terms, "
             f"OOD sets {', '.join(prediction.ood_sets)}, seconds on {device}"
         )
         header = f"{'family':<10}" + "".join(f"{p:>15}" for p in (*PHASES, "other", "total"))
@@ -67,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         print("-" * len(header))
         totals = dict.fromkeys((*PHASES, "other", "total"), 0.0)
         for family in families:
-            checkpoint = paths.family_model_dir(family) / MODEL_FILE
+            checkpoint = paths.family_model_dir(family, seed) / MODEL_FILE
             model = MODELS[family].load_from_checkpoint(
                 checkpoint, map_location=device, weights_only=True
             )
@@ -83,18 +110,34 @@ def main(argv: list[str] | None = None) -> int:
                 prediction=prediction,
                 representation=params.representation,
             )
-            row = {p: result.metrics.get(f"time/{p}_s", 0.0) for p in PHASES}
+            row = {p: result.metrics.get(v.phase_seconds(p), 0.0) for p in PHASES}
             row["total"] = time.perf_counter() - start
             row["other"] = row["total"] - sum(row[p] for p in PHASES)
             for key, value in row.items():
                 totals[key] += value
             print(f"{family:<10}" + "".join(f"{row[c]:>15.1f}" for c in totals))
         print(f"{'all':<10}" + "".join(f"{totals[c]:>15.1f}" for c in totals))
+        # The baselines stage: the copycat and held-out rows through the same metrics.
+        start = time.perf_counter()
+        baseline_metrics(
+            paths.PREPARED,
+            reference=load_reference(reference_dir, measured),
+            protocol=measured,
+            extractor=extractor,
+            evaluator_path=paths.EVALUATOR,
+            representation=params.representation,
+            batch_size=protocol.batch_size,
+            device=device,
+        )
+        baselines_s = time.perf_counter() - start
+        print(f"{'baselines':<10}{baselines_s:>15.1f}  (the baselines stage, all rows)")
     top = max(PHASES, key=totals.get)
     print(
         f"evaluation: {totals['total']:.0f} s for {len(families)} families; sampling "
-        f"{totals['sampling']:.0f} s, feature extraction {totals['features']:.1f} s, metrics "
-        f"{totals['metrics']:.1f} s; largest phase {top} ({totals[top] / totals['total']:.0%})"
+        f"{totals['sampling']:.0f} s, feature extraction {totals['features']:.1f} s, sample "
+        f"metrics with intervals {totals['metrics']:.1f} s, memorisation "
+        f"{totals['memorisation']:.1f} s; largest phase {top} "
+        f"({totals[top] / totals['total']:.0%}); baselines stage {baselines_s:.1f} s"
     )
     return 0
 

@@ -56,6 +56,7 @@ def measure(params: Params, family: str, prepared: Path, work: Path, n: int) -> 
     result = train_family(
         params,
         family,
+        seed=params.seeds[0],
         prepared_dir=prepared,
         out_dir=work / family,
         checkpoint_root=work / "checkpoints" / family,

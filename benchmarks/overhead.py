@@ -138,6 +138,7 @@ def interleaved_run(params: Params, family: str, prepared: Path, work: Path) -> 
     train_family(
         params,
         family,
+        seed=params.seeds[0],
         prepared_dir=prepared,
         out_dir=work / "out",
         checkpoint_root=work / "checkpoints",
@@ -152,7 +153,7 @@ class HandLoop:
     def __init__(self, params: Params, family: str, prepared: Path) -> None:
         tp = params.trainer
         self.device = tp.eval_device
-        torch.manual_seed(params.seed)
+        torch.manual_seed(params.seeds[0])
         model = for_speed(build_model(params, family, prepared).to(self.device), tp)
         self.model = model.train()
         config = model.configure_optimizers()
@@ -163,7 +164,7 @@ class HandLoop:
         split = load_split(prepared, "train")
         self.x, self.y = split.x.to(self.device), split.y.to(self.device)
         self.batch_size = params.family(family).batch_size
-        self.seed = params.seed
+        self.seed = params.seeds[0]
         dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(tp.precision)
         self.autocast = (
             torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()

@@ -1,11 +1,13 @@
-"""DDPM (all T steps) against DDIM (S = 10, 25, 50, 100): FID and seconds per sample.
+"""DDPM (all T steps) against DDIM (S = 10, 25, 50, 100): FID with its interval and seconds per
+sample.
 
-Samples the trained diffusion model of the last `uv run dvc repro` (models/diffusion/model.ckpt)
-under the evaluate stage's protocol (same seed, same sample count, same labels, same features),
-changing only the sampler, so every row is comparable with metrics/diffusion.json.
+Samples the trained diffusion model of the last `uv run dvc repro`
+(models/diffusion/seed<k>/model.ckpt) under the evaluate stage's protocol (the same sample sets,
+labels, cached reference features and intervals), changing only the sampler, so every row is
+comparable with metrics/diffusion/seed<k>.json.
 
     uv run python benchmarks/samplers.py            # the full protocol (DDPM takes minutes on CPU)
-    uv run python benchmarks/samplers.py --quick    # 200 samples: under a minute, noisier FID
+    uv run python benchmarks/samplers.py --quick    # 2 sets of 200 samples: noisier FID
 
 Target (issue 4): DDIM with 50 steps within 10% of DDPM's FID, at least 15x faster.
 """
@@ -15,11 +17,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from common import cell
 from genlab import paths
 from genlab.config import load_params
-from genlab.data.prepared import load_split
+from genlab.data.prepared import load_split, read_meta
+from genlab.evaluation import vocabulary as v
 from genlab.evaluation.evaluate import generate
-from genlab.evaluation.fidelity import classifier_accuracy, sample_metrics
+from genlab.evaluation.protocol import load_reference, measurement
+from genlab.evaluation.rows import Row, generation_metrics, row_features
 from genlab.models import MODELS
 from genlab.training import MODEL_FILE
 
@@ -28,48 +33,68 @@ FAMILY = "diffusion"
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="200 samples, DDIM 10/50 and DDPM")
+    parser.add_argument("--quick", action="store_true", help="2 x 200 samples, DDIM 10/50, DDPM")
+    parser.add_argument("--seed", type=int, help="training seed (default: the first of seeds)")
     args = parser.parse_args(argv)
 
     params = load_params()
-    protocol = params.evaluate
+    seed = params.seeds[0] if args.seed is None else args.seed
+    evaluate = params.evaluate
     if args.quick:
-        protocol = protocol.model_copy(update={"num_samples": 200, "kid_subset_size": 100})
+        evaluate = evaluate.model_copy(update={"num_samples": 200, "sample_seeds": 2})
+    meta = read_meta(paths.PREPARED)
+    extractor, protocol = measurement(evaluate, paths.EVALUATOR, meta)
+    # The cached features do not depend on the set size or count: the stage's file serves.
+    reference = load_reference(paths.REFERENCE, protocol)
     model = MODELS[FAMILY].load_from_checkpoint(
-        paths.family_model_dir(FAMILY) / MODEL_FILE, map_location="cpu", weights_only=True
+        paths.family_model_dir(FAMILY, seed) / MODEL_FILE, map_location="cpu", weights_only=True
     )
-    test = load_split(paths.PREPARED, "test")
+    reference_y = load_split(paths.PREPARED, protocol.reference_split, meta).y
     timesteps = model.hparams.timesteps
     settings = [("ddim", s) for s in ((10, 50) if args.quick else (10, 25, 50, 100))]
     settings.append(("ddpm", timesteps))
 
-    header = f"{'sampler':<8} {'steps':>6} {'NFE':>6} {'FID':>7} {'KID':>8} {'cond':>6} "
+    header = f"{'sampler':<8} {'steps':>6} {'NFE':>6} {'FID [95%]':>22} {'KID':>8} {'cond':>6} "
     header += f"{'s/sample':>9}"
-    print(f"{FAMILY}: {protocol.num_samples} samples, guidance {model.hparams.guidance_scale}")
+    print(
+        f"{FAMILY}: {protocol.sample_seeds} sets of {protocol.num_samples} samples, "
+        f"guidance {model.hparams.guidance_scale}"
+    )
     print(header)
     print("-" * len(header))
     results = {}
     for sampler, steps in settings:
-        generated = generate(model, protocol, sampler=sampler, steps=steps)
-        metrics = sample_metrics(generated.samples, test.x, paths.EVALUATOR, protocol=protocol)
-        cond = (
-            classifier_accuracy(paths.EVALUATOR, generated.samples, generated.labels)
-            if generated.labels is not None
-            else float("nan")
+        generated = generate(
+            model, protocol, batch_size=evaluate.batch_size, sampler=sampler, steps=steps
         )
-        per_sample = generated.seconds / protocol.num_samples
+        row = Row(generated.sets, generated.labels)
+        features = row_features(row, extractor, batch_size=evaluate.batch_size, device="cpu")
+        metrics = generation_metrics(
+            row,
+            features,
+            reference=reference,
+            reference_y=reference_y,
+            protocol=protocol,
+            num_classes=model.num_classes,
+            extractor=extractor,
+            evaluator_path=paths.EVALUATOR,
+            batch_size=evaluate.batch_size,
+        )
+        per_sample = generated.seconds / (protocol.num_samples * protocol.sample_seeds)
         nfe = model.sampling_nfe(sampler=sampler, steps=steps)
-        results[(sampler, steps)] = (metrics.fid, per_sample)
+        results[(sampler, steps)] = (v.estimate(metrics, v.FID), per_sample)
         print(
-            f"{sampler:<8} {steps:>6} {nfe:>6.0f} {metrics.fid:>7.3f} {metrics.kid_mean:>8.4f} "
-            f"{cond:>6.3f} {per_sample:>9.5f}"
+            f"{sampler:<8} {steps:>6} {nfe:>6.0f} {cell(metrics, v.FID):>22} "
+            f"{metrics[v.KID]:>8.4f} {metrics.get(v.COND_ACC, float('nan')):>6.3f} "
+            f"{per_sample:>9.5f}"
         )
     fid_ddim, t_ddim = results[("ddim", 50)]
     fid_ddpm, t_ddpm = results[("ddpm", timesteps)]
+    tied = "tied" if fid_ddim.overlaps(fid_ddpm) else "apart"
     print(
-        f"samplers: DDIM-50 FID {fid_ddim:.3f} vs DDPM-{timesteps} {fid_ddpm:.3f} "
-        f"({fid_ddim / fid_ddpm - 1:+.1%}, target within 10%), {t_ddpm / t_ddim:.1f}x faster "
-        f"(target 15x)"
+        f"samplers: DDIM-50 FID {fid_ddim.value:.3f} vs DDPM-{timesteps} {fid_ddpm.value:.3f} "
+        f"({fid_ddim.value / fid_ddpm.value - 1:+.1%}, intervals {tied}; target within 10%), "
+        f"{t_ddpm / t_ddim:.1f}x faster (target 15x)"
     )
     return 0
 

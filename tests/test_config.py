@@ -48,12 +48,12 @@ BAD_PARAMS = [
     ("unknown-family", "families: [vea]\n", "families.0"),
     ("duplicate-family", "families: [vae, vae]\n", "families"),
     ("empty-families", "families: []\n", "families"),
-    ("missing-families", "seed: 0\n", "families"),
+    ("missing-families", "seeds: [0]\n", "families"),
     ("unknown-dataset", "families: [vae]\ndataset:\n  name: imagenet\n", "dataset.name"),
 ]
 # Errors that are not about one key: (id, text, what the line must say instead).
 BAD_FILES = [
-    ("yaml-syntax-error", "families: [vae\nseed: 0\n", "not valid YAML at line"),
+    ("yaml-syntax-error", "families: [vae\nseeds: [0]\n", "not valid YAML at line"),
     ("top-level-list", "- vae\n", "top level"),
     ("empty-file", "", "top level"),
 ]
@@ -183,19 +183,50 @@ def test_family_accessor_returns_the_section() -> None:
 
 
 def test_config_hash_is_stable_and_tracks_hyperparameters() -> None:
-    a = parse_params({"families": ["vae"]}).training_config("vae")
-    b = parse_params({"families": ["vae"]}).training_config("vae")
+    a = parse_params({"families": ["vae"]}).training_config("vae", 0)
+    b = parse_params({"families": ["vae"]}).training_config("vae", 0)
     assert config_hash(a) == config_hash(b)
     assert len(config_hash(a)) == 16 and int(config_hash(a), 16) >= 0
     # Independent of key order.
     assert config_hash(dict(reversed(list(a.items())))) == config_hash(a)
     changed = parse_params({"families": ["vae"], "models": {"vae": {"latent_dim": 3}}})
-    assert config_hash(changed.training_config("vae")) != config_hash(a)
-    seed = parse_params({"families": ["vae"], "seed": 1})
-    assert config_hash(seed.training_config("vae")) != config_hash(a)
+    assert config_hash(changed.training_config("vae", 0)) != config_hash(a)
+    # Each training seed is its own training; the list of seeds is not part of any one.
+    params = parse_params({"families": ["vae"], "seeds": [0, 1]})
+    assert config_hash(params.training_config("vae", 1)) != config_hash(a)
+    assert config_hash(params.training_config("vae", 0)) == config_hash(a)
     # The evaluation protocol does not change what training produces.
     protocol = parse_params({"families": ["vae"], "evaluate": {"num_samples": 10}})
-    assert config_hash(protocol.training_config("vae")) == config_hash(a)
+    assert config_hash(protocol.training_config("vae", 0)) == config_hash(a)
+
+
+@pytest.mark.parametrize(
+    ("seeds", "problem"),
+    [([0, 0], "a seed is listed twice"), ([-1], "seeds.0"), ([2**32], "seeds.0"), ([], "seeds")],
+)
+def test_bad_seeds_are_one_clear_error(seeds: list[int], problem: str) -> None:
+    with pytest.raises(ConfigError, match=problem):
+        parse_params({"families": ["vae"], "seeds": seeds})
+    assert parse_params({"families": ["vae"], "seeds": [2**32 - 1]}).seeds == [2**32 - 1]
+
+
+@pytest.mark.parametrize(
+    ("evaluate", "key"),
+    [
+        ({"split": "train"}, "evaluate.split"),
+        ({"sample_seeds": 1}, "evaluate.sample_seeds"),
+        ({"bootstrap": 5}, "evaluate.bootstrap"),
+        ({"confidence": 1.0}, "evaluate.confidence"),
+        ({"copying_cells": 0}, "evaluate.copying_cells"),
+        ({"copying_tau": -0.1}, "evaluate.copying_tau"),
+        ({"num_samples": "all"}, "evaluate.num_samples"),
+    ],
+)
+def test_the_protocol_keys_validate(evaluate: dict, key: str) -> None:
+    with pytest.raises(ConfigError, match=key):
+        parse_params({"families": ["vae"], "evaluate": evaluate})
+    default = parse_params({"families": ["vae"]}).evaluate
+    assert (default.split, default.num_samples, default.sample_seeds) == ("test", None, 5)
 
 
 @pytest.mark.parametrize(

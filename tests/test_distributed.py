@@ -12,6 +12,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
+from genlab import paths
 from genlab.models import MODELS
 from genlab.training import MODEL_FILE
 
@@ -54,11 +55,14 @@ def test_two_process_ddp_trains_every_family_into_exactly_one_mlflow_run(
     assert sorted(r.data.tags["family"] for r in runs) == families  # one run each, from rank 0
     for run in runs:
         family = run.data.tags["family"]
+        assert (run.info.run_name, run.data.tags["seed"]) == (f"{family} (seed 0)", "0")
         assert run.info.status == "FINISHED", family
         assert run.data.params["trainer.world_size"] == "2", family
         assert run.data.params["trainer.global_batch_size"] == "500", family
         # 2 epochs x 2 steps: every rank stepped in lockstep on its own half of the data.
-        ckpt = torch.load(tmp_path / "models" / family / MODEL_FILE, weights_only=True)
+        ckpt = torch.load(
+            tmp_path / paths.family_model_dir(family, 0) / MODEL_FILE, weights_only=True
+        )
         assert ckpt["global_step"] in (2, 4), family
         grids = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
         assert len([p for p in grids if "compressed" not in p]) == 2, (family, grids)

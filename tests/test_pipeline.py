@@ -22,8 +22,11 @@ from mlflow.tracking import MlflowClient
 
 from genlab import paths
 from genlab.config import load_params
+from genlab.evaluation import vocabulary as v
+from genlab.evaluation.figures import FIGURES
 from genlab.evaluation.predict import scorer
 from genlab.models import MODELS
+from genlab.tracking import BASELINES_TAG, REPORT_TAG
 from pre_emption import start_until_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,8 +50,10 @@ def _tracked_files() -> list[str]:
     ).stdout.split()
     # Pipeline outputs of this working tree (a half-finished local repro leaves some untracked)
     # are never part of the copy: the copy's own dvc repro produces them.
-    families = load_params(REPO / "params.yaml").families
-    outputs = dvc_outputs(yaml.safe_load((REPO / "dvc.yaml").read_text()), families)
+    params = load_params(REPO / "params.yaml")
+    outputs = dvc_outputs(
+        yaml.safe_load((REPO / "dvc.yaml").read_text()), params.families, params.seeds
+    )
     generated = [str(o) for o in outputs if not str(o).endswith((".json", ".md"))]
     return [
         f
@@ -84,16 +89,18 @@ def find_named(tree: object, name: str) -> list[dict]:
     return []
 
 
-def dvc_outputs(dvc_yaml: dict, families: list[str]) -> list[Path]:
-    """Every output path dvc.yaml declares (outs and metrics), foreach expanded."""
+def dvc_outputs(dvc_yaml: dict, families: list[str], seeds: list[int]) -> list[Path]:
+    """Every output path dvc.yaml declares (outs, metrics, plots), matrix expanded."""
     found: list[Path] = []
     for stage in dvc_yaml["stages"].values():
-        items = families if "foreach" in stage else [None]
-        body = stage.get("do", stage)
+        items = [(f, s) for f in families for s in seeds] if "matrix" in stage else [None]
         for item in items:
-            for entry in body.get("outs", []) + body.get("metrics", []) + body.get("plots", []):
+            for entry in stage.get("outs", []) + stage.get("metrics", []) + stage.get("plots", []):
                 name = entry if isinstance(entry, str) else next(iter(entry))
-                found.append(Path(name.replace("${item}", item or "")))
+                if item is not None:
+                    name = name.replace("${item.family}", item[0])
+                    name = name.replace("${item.seed}", str(item[1]))
+                found.append(Path(name))
     return found
 
 
@@ -138,33 +145,33 @@ def repo_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_dvc_yaml_outputs_match_library_paths() -> None:
     dvc_yaml = yaml.safe_load((REPO / "dvc.yaml").read_text())
-    declared = set(dvc_outputs(dvc_yaml, ["vae"]))
+    declared = set(dvc_outputs(dvc_yaml, ["vae"], [0, 3]))
     expected = {
         paths.PREPARED,
         paths.REFERENCE,
         paths.EVALUATOR,
         paths.EVALUATOR_METRICS,
-        paths.family_model_dir("vae"),
-        paths.family_checkpoints("vae"),
-        paths.family_metrics("vae"),
-        paths.family_figures("vae"),
+        *(paths.family_model_dir("vae", s) for s in (0, 3)),
+        *(paths.family_checkpoints("vae", s) for s in (0, 3)),
+        *(paths.family_metrics("vae", s) for s in (0, 3)),
+        *(paths.family_figures("vae", s) for s in (0, 3)),
+        paths.BASELINE_METRICS,
         paths.REPORT_SUMMARY,
         paths.REPORT_FIGURES,
-        paths.REAL_DATA_METRICS,
     }
     assert declared == expected
 
 
 def test_evaluate_depends_on_every_evaluation_module_but_the_report() -> None:
     """The evaluate stages list their modules one by one, so that editing the report re-runs the
-    report alone; a new evaluation module must be added there (or here, if only the report uses
-    it)."""
+    report alone; a new evaluation module must be added there (or here, if only the report or
+    the baselines use it)."""
     dvc_yaml = yaml.safe_load((REPO / "dvc.yaml").read_text())
-    deps = set(dvc_yaml["stages"]["evaluate"]["do"]["deps"])
+    deps = set(dvc_yaml["stages"]["evaluate"]["deps"])
     modules = {
         f"src/genlab/evaluation/{p.name}"
         for p in (REPO / "src/genlab/evaluation").glob("*.py")
-        if p.name not in ("__init__.py", "report.py")
+        if p.name not in ("__init__.py", "report.py", "figures.py", "baselines.py")
     }
     assert {d for d in deps if d.startswith("src/genlab/evaluation")} == modules
 
@@ -174,10 +181,10 @@ def test_dvc_yaml_params_exist_in_params_yaml() -> None:
     dvc_yaml = yaml.safe_load((REPO / "dvc.yaml").read_text())
     params = load_params(REPO / "params.yaml").model_dump()
     for stage in dvc_yaml["stages"].values():
-        for key in stage.get("do", stage).get("params", []):
+        for key in stage.get("params", []):
             for family in params["families"]:
                 node = params
-                for part in key.replace("${item}", family).split("."):
+                for part in key.replace("${item.family}", family).split("."):
                     assert part in node, f"dvc.yaml declares unknown param {key}"
                     node = node[part]
 
@@ -187,24 +194,30 @@ def test_repro_then_experiment_lands_in_one_store(repo_copy: Path) -> None:
     run(["dvc", "repro"], root)
 
     # Every output dvc.yaml declares exists.
-    families = ["vae"]
-    for out in dvc_outputs(yaml.safe_load((root / "dvc.yaml").read_text()), families):
+    params = load_params(root / "params.yaml")
+    dvc_yaml = yaml.safe_load((root / "dvc.yaml").read_text())
+    for out in dvc_outputs(dvc_yaml, params.families, params.seeds):
         assert (root / out).exists(), f"dvc repro did not produce {out}"
     meta = json.loads((root / "data/prepared/meta.json").read_text())
     assert (meta["dataset"], meta["shape"], meta["levels"]) == ("folder", [3, 8, 8], 256)
-    metrics = json.loads((root / "metrics/vae.json").read_text())
-    for key in ("eval/fid", "eval/kid_mean", "eval/precision", "eval/recall", "eval/isc_mean"):
-        assert key in metrics
-    assert metrics["test/nll_bound_nats"] > 0
-    assert metrics["test/bpd_bound"] == pytest.approx(
-        metrics["test/nll_bound_nats"] / (3 * 8 * 8 * 0.6931471805599453)
-    )
-    real = json.loads((root / "reports/real_data.json").read_text())
-    assert real["eval/fid"] < metrics["eval/fid"]
-    summary = (root / "reports/summary.md").read_text()
-    assert "| vae | lower_bound |" in summary and "real data" in summary
+    metrics = json.loads((root / paths.family_metrics("vae", 0)).read_text())
+    nll, bpd = v.nll_key("test", "lower_bound"), v.bpd_key("test", "lower_bound")
+    for key in (v.FID, v.KID, v.PRECISION, v.RECALL, v.DENSITY, v.COVERAGE, v.ISC, v.C_T):
+        assert metrics[v.ci_low(key)] <= metrics[key] <= metrics[v.ci_high(key)], key
+    assert metrics[nll] > 0 and metrics[v.se(nll)] > 0 and v.NLL_GAP in metrics
+    assert metrics[bpd] == pytest.approx(metrics[nll] / (3 * 8 * 8 * 0.6931471805599453))
 
-    # The MLflow store at the repository root holds one run for the family, complete.
+    # The baseline rows under the same protocol; the copycat is flagged in the summary.
+    rows = json.loads((root / paths.BASELINE_METRICS).read_text())
+    assert {"copycat", "heldout", "real", "protocol"} <= set(rows)
+    assert rows["copycat"][v.EXACT_COPIES] == 1.0 and rows["heldout"][v.EXACT_COPIES] < 0.05
+    summary = (root / paths.REPORT_SUMMARY).read_text()
+    assert "| *copycat* |" in summary and "| *held-out real* |" in summary
+    copycat_line = next(line for line in summary.splitlines() if line.startswith("| *copycat*"))
+    assert "**copies**: 100% exact copies of training images" in copycat_line
+    assert "## Rankings" in summary and "**generation: FID ↓**" in summary
+
+    # The MLflow store at the repository root holds one run for the family and seed, complete.
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("folder-tinted")
     assert experiment is not None
@@ -212,23 +225,24 @@ def test_repro_then_experiment_lands_in_one_store(repo_copy: Path) -> None:
     runs = client.search_runs([experiment.experiment_id], "tags.family = 'vae'")
     assert len(runs) == 1
     run_ = runs[0]
+    assert (run_.info.run_name, run_.data.tags["seed"]) == ("vae (seed 0)", "0")
     assert run_.data.params["model.latent_dim"] == "4"
     assert run_.data.params["trainer.precision"] == "32-true"
     head = run(["git", "rev-parse", "HEAD"], root).strip()
     tags = run_.data.tags
     assert tags["git_commit"] == head
     assert tags["git_dirty"] in ("true", "false")
-    assert tags["dvc_stage"] == "train@vae"
+    assert tags["dvc_stage"] == "train@vae-0"
     assert tags["data_sha256"] == meta["data_sha256"]
-    assert len(client.get_metric_history(run_.info.run_id, "train/loss")) >= 2
+    assert len(client.get_metric_history(run_.info.run_id, v.TRAIN_LOSS)) >= 2
     # One point per validation epoch; the evaluate stage adds test metrics at the kept
     # checkpoint's step, after the first training step.
-    assert len(client.get_metric_history(run_.info.run_id, "val/nll_bound_nats")) == 2
-    (test_point,) = client.get_metric_history(run_.info.run_id, "test/nll_bound_nats")
+    assert len(client.get_metric_history(run_.info.run_id, v.nll_key("val", "lower_bound"))) == 2
+    (test_point,) = client.get_metric_history(run_.info.run_id, nll)
     assert test_point.step > 0
-    assert metrics["test/nll_bound_nats"] <= metrics["test/nll_bound_k1_nats"]  # IWAE-8 >= ELBO
-    protocol = metrics.pop("protocol")  # strings and integers: tags, not MLflow metrics
-    assert protocol == real["protocol"] and protocol["extractor"] == "genlab-evaluator"
+    assert metrics[nll] <= metrics[v.single_draw_key("test")]  # IWAE-8 >= ELBO
+    protocol = metrics.pop("protocol")  # strings and numbers: tags, not MLflow metrics
+    assert protocol == rows["protocol"] and protocol["extractor"] == "genlab-evaluator"
     assert run_.data.tags["eval.protocol.id"] == protocol["id"]
     for key, value in metrics.items():
         assert run_.data.metrics[key] == pytest.approx(value), key
@@ -239,16 +253,15 @@ def test_repro_then_experiment_lands_in_one_store(repo_copy: Path) -> None:
     ]
     images = client.list_artifacts(run_.info.run_id, "images")
     assert any(a.path.endswith(".png") for a in images), "sample grids were not logged"
-    report_runs = client.search_runs([experiment.experiment_id], "tags.family = 'real_data'")
-    assert len(report_runs) == 1
+    for tag in (BASELINES_TAG, REPORT_TAG):
+        assert len(client.search_runs([experiment.experiment_id], f"tags.family = '{tag}'")) == 1
 
     # Every family of the default params went through the same stages into its own run, and
     # answered exactly the questions its contract and its params let it answer.
-    params = load_params(root / "params.yaml")
     for family in params.families:
-        metrics = json.loads((root / f"metrics/{family}.json").read_text())
+        metrics = json.loads((root / paths.family_metrics(family, 0)).read_text())
         (family_run,) = client.search_runs([experiment.experiment_id], f"tags.family = '{family}'")
-        for key in ("eval/fid", "eval/kid_mean", "eval/samples_per_s", "eval/nfe_per_sample"):
+        for key in (v.FID, v.ci_high(v.FID), v.KID, v.SAMPLES_PER_S, v.NFE_PER_SAMPLE):
             assert family_run.data.metrics[key] == pytest.approx(metrics[key]), (family, key)
         images = client.list_artifacts(family_run.info.run_id, "images")
         assert any(a.path.endswith(".png") for a in images), f"no sample grids for {family}"
@@ -256,11 +269,12 @@ def test_repro_then_experiment_lands_in_one_store(repo_copy: Path) -> None:
         cls = MODELS[family]
         conditional = params.family(family).model_kwargs()["conditional"]
         scores = scorer(cls) is not None
-        assert ("ood/auroc_noise" in metrics) == scores, family
-        assert ("test/class_acc" in metrics) == (scores and conditional), family
-        assert ("test/probe_acc" in metrics) == cls.has_latent, family
-        assert ("eval/class_fid_mean" in metrics) == conditional, family
-        grids = {p.name for p in (root / paths.family_figures(family)).iterdir()}
+        assert (v.auroc("noise") in metrics) == scores, family
+        assert (v.class_acc("test") in metrics) == (scores and conditional), family
+        assert (v.probe_acc("test") in metrics) == cls.has_latent, family
+        assert (v.CLASS_FID_MEAN in metrics) == conditional, family
+        assert (v.NLL_GAP in metrics) == (cls.likelihood != "none"), family
+        grids = {p.name for p in (root / paths.family_figures(family, 0)).iterdir()}
         assert {"samples.png"} <= grids
         assert ("classes.png" in grids) == conditional, family
         assert ("interpolation.png" in grids) == cls.has_latent, family
@@ -269,17 +283,16 @@ def test_repro_then_experiment_lands_in_one_store(repo_copy: Path) -> None:
 
     # `dvc plots show` renders a figure per question and the families' grids side by side.
     plots = json.loads(run(["dvc", "plots", "show", "--json"], root))["data"]
-    for name in ("generation", "likelihood", "prediction", "representation", "conditional"):
+    for name in FIGURES:
         assert f"reports/figures/{name}.png" in plots, name
-    assert "reports/figures/grids.png" in plots
     shutil.rmtree(root / "dvc_plots", ignore_errors=True)
-    assert real["test/probe_acc"] > 0.5  # the raw-pixel probe of the report
+    assert rows["real"][v.probe_acc("test")] > 0.5  # the raw-pixel probe
 
     # A second repro with nothing changed runs nothing.
     out = run(["dvc", "repro"], root)
     assert "Running stage" not in out
-    families = yaml.safe_load((root / "params.yaml").read_text())["families"]
-    assert len(client.search_runs([experiment.experiment_id])) == len(families) + 1  # + report
+    # One run per family and seed, plus the baselines and the report.
+    assert len(client.search_runs([experiment.experiment_id])) == len(params.families) + 2
 
     # An experiment in a temporary copy lands in the same store and compares with the baseline.
     run(["git", "add", "-A"], root)
@@ -289,16 +302,49 @@ def test_repro_then_experiment_lands_in_one_store(repo_copy: Path) -> None:
     assert len(runs) == 2
     exp_run = next(r for r in runs if r.data.tags.get("dvc_exp_name") == "small-z")
     assert exp_run.data.params["model.latent_dim"] == "3"
-    assert "eval/fid" in exp_run.data.metrics  # evaluate logged into the experiment's run
+    assert v.FID in exp_run.data.metrics  # evaluate logged into the experiment's run
     exp_artifacts = {a.path for a in client.list_artifacts(exp_run.info.run_id)}
     assert "checkpoint" in exp_artifacts  # artifacts did not vanish with the temporary copy
 
+    vae_metrics = str(paths.family_metrics("vae", 0))
     shown = find_named(json.loads(run(["dvc", "exp", "show", "--json"], root)), "small-z")
     assert shown, "dvc exp show does not list the experiment"
-    assert any("metrics/vae.json" in json.dumps(entry) for entry in shown)
+    assert any(vae_metrics in json.dumps(entry) for entry in shown)
     run(["dvc", "exp", "apply", "small-z"], root)
     diff = json.loads(run(["dvc", "metrics", "diff", "--json"], root))
-    assert "eval/fid" in diff["metrics/vae.json"]
+    assert v.FID in diff[vae_metrics]
+
+
+def test_two_seeds_train_each_family_twice_and_the_report_aggregates(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """`seeds: [0, 1]`: a matrix stage per family and seed, one MLflow run each (tagged with the
+    seed), and a report with mean +- sd over the seeds; adding a seed trains only the new one."""
+    override = {"families": ["vae", "gan"], "seeds": [0]}
+    root = make_repo(tmp_path_factory.mktemp("genlab-seeds"), override)
+    (root / "dvc.lock").unlink()
+    run(["dvc", "repro"], root)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["seeds"] = [0, 1]
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = run(["dvc", "repro"], root)
+    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+    assert ran == {"train@vae-1", "train@gan-1", "evaluate@vae-1", "evaluate@gan-1", "report"}
+
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("digits")
+    for family in ("vae", "gan"):
+        runs = client.search_runs([experiment.experiment_id], f"tags.family = '{family}'")
+        assert sorted(r.data.tags["seed"] for r in runs) == ["0", "1"], family
+        assert sorted(r.info.run_name for r in runs) == [f"{family} (seed 0)", f"{family} (seed 1)"]
+        fids = [
+            json.loads((root / paths.family_metrics(family, s)).read_text())[v.FID] for s in (0, 1)
+        ]
+        assert fids[0] != fids[1]  # two trainings, not one copied
+    summary = (root / paths.REPORT_SUMMARY).read_text()
+    assert "Training seeds 0, 1" in summary
+    mean = (fids[0] + fids[1]) / 2
+    assert f"| gan | {v.FID} |" in summary and f"{mean:.3f} ± " in summary
 
 
 def test_a_killed_training_is_not_recorded_and_the_next_repro_resumes_it(
@@ -315,7 +361,7 @@ def test_a_killed_training_is_not_recorded_and_the_next_repro_resumes_it(
     }
     root = make_repo(tmp_path_factory.mktemp("genlab-sigterm"), override)
     (root / "dvc.lock").unlink()  # the copied lock records the repository's own runs
-    repro = start_until_checkpoint(["dvc", "repro", "train@vae"], cwd=root, env=_env())
+    repro = start_until_checkpoint(["dvc", "repro", "train@vae-0"], cwd=root, env=_env())
     (training,) = [
         p for p in psutil.Process(repro.pid).children(recursive=True) if "train" in p.cmdline()
     ]
@@ -325,16 +371,17 @@ def test_a_killed_training_is_not_recorded_and_the_next_repro_resumes_it(
     assert repro.returncode != 0, output
     assert "received SIGTERM" in output
     stages = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
-    assert "prepare" in stages and "train@vae" not in stages
-    assert not (root / "models/vae").exists()
-    (ckpt_dir,) = (root / "checkpoints/vae").iterdir()
+    assert "prepare" in stages and "train@vae-0" not in stages
+    assert not (root / paths.family_model_dir("vae", 0)).exists()
+    (ckpt_dir,) = (root / paths.family_checkpoints("vae", 0)).iterdir()
     run_id = json.loads((ckpt_dir / "run.json").read_text())["run_id"]
     kept = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=True)["global_step"]
 
-    run(["dvc", "repro", "train@vae"], root)
+    run(["dvc", "repro", "train@vae-0"], root)
     stages = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
-    assert "train@vae" in stages
-    assert json.loads((root / "models/vae/run.json").read_text())["run_id"] == run_id
+    assert "train@vae-0" in stages
+    record = root / paths.family_model_dir("vae", 0) / "run.json"
+    assert json.loads(record.read_text())["run_id"] == run_id
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("digits")
     (run_,) = client.search_runs([experiment.experiment_id], "tags.family = 'vae'")
@@ -343,7 +390,7 @@ def test_a_killed_training_is_not_recorded_and_the_next_repro_resumes_it(
     assert set(steps) == set(range(2 * epochs))
     # Resumed, not restarted: only steps after the kept checkpoint were trained twice.
     assert kept > 0 and all(s >= kept for s in steps if steps.count(s) > 1), kept
-    assert "Running stage" not in run(["dvc", "repro", "train@vae"], root)
+    assert "Running stage" not in run(["dvc", "repro", "train@vae-0"], root)
 
 
 @pytest.mark.slow

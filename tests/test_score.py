@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
+from genlab import paths
 from genlab.cli import main
 from genlab.data.prepared import Meta, load_split, read_meta
 from genlab.evaluation.grids import to_uint8_pixels
@@ -26,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 class Project(NamedTuple):
-    root: Path  # params.yaml, data/prepared, models/<family>/model.ckpt
+    root: Path  # params.yaml, data/prepared, models/<family>/seed0/model.ckpt
     meta: Meta
     test: torch.Tensor  # (N, 1, 8, 8) uint8 levels of the test split
 
@@ -60,10 +61,15 @@ def project(prepared_digits: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     torch.manual_seed(0)
     pixelcnn = MODELS["pixelcnn"](**geometry, channels=16, num_layers=3, conditional=False)
     _fit_and_save(
-        pixelcnn, train.x, train.y, root / "models" / "pixelcnn" / MODEL_FILE, max_epochs=3
+        pixelcnn,
+        train.x,
+        train.y,
+        root / paths.family_model_dir("pixelcnn", 0) / MODEL_FILE,
+        max_epochs=3,
     )
     ebm = MODELS["ebm"](**geometry, width=4, langevin_steps=2, sample_steps=3, buffer_size=32)
-    _fit_and_save(ebm, train.x, train.y, root / "models" / "ebm" / MODEL_FILE, max_steps=2)
+    ebm_file = root / paths.family_model_dir("ebm", 0) / MODEL_FILE
+    _fit_and_save(ebm, train.x, train.y, ebm_file, max_steps=2)
     return Project(root, meta, load_split(prepared_digits, "test", meta).x)
 
 
@@ -204,7 +210,7 @@ def test_bad_inputs_give_one_clear_line_and_no_output(project, tmp_path, monkeyp
     cases = _bad_inputs(tmp_path, project.meta.levels)
     good = tmp_path / "empty"  # any input: the family is refused first
     cases |= {
-        "no checkpoint": (good, "models/flow/model.ckpt not found; "),
+        "no checkpoint": (good, "models/flow/seed0/model.ckpt not found; "),
         "no likelihood or energy": (good, "gan cannot score images"),
     }
     for case, (path, phrase) in cases.items():
@@ -217,5 +223,9 @@ def test_bad_inputs_give_one_clear_line_and_no_output(project, tmp_path, monkeyp
         assert phrase in err, (case, err)
         assert stdout == "" and not out.exists(), case
     assert (
-        "uv run dvc repro train@flow" in score(project, monkeypatch, capsys, "flow", str(good))[2]
+        "uv run dvc repro train@flow-0" in score(project, monkeypatch, capsys, "flow", str(good))[2]
     )
+    # Another training seed's model: its own path and stage.
+    code, _, err = score(project, monkeypatch, capsys, "pixelcnn", str(good), "--seed", "1")
+    assert code == 1 and "models/pixelcnn/seed1/model.ckpt not found" in err
+    assert "train@pixelcnn-1" in err

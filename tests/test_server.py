@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
+from genlab import paths
 from genlab.cli import main as genlab_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,15 +99,18 @@ def server(tmp_path: Path):
     server.stop()
 
 
-def stage_commands(dvc_yaml: Path, families: list[str]) -> list[list[str]]:
-    """The `genlab ...` arguments of every stage in `dvc_yaml` for `families`, in the file's
-    order (which lists each stage after those it depends on)."""
+def stage_commands(dvc_yaml: Path, families: list[str], seeds: list[int]) -> list[list[str]]:
+    """The `genlab ...` arguments of every stage in `dvc_yaml` for `families` and `seeds`, in
+    the file's order (which lists each stage after those it depends on)."""
     commands = []
     for stage in yaml.safe_load(dvc_yaml.read_text())["stages"].values():
-        body = stage.get("do", stage)
-        for item in families if "foreach" in stage else [""]:
-            program, *args = body["cmd"].replace("${item}", item).split()
-            assert program == "genlab", body["cmd"]
+        items = [(f, s) for f in families for s in seeds] if "matrix" in stage else [None]
+        for item in items:
+            cmd = stage["cmd"]
+            if item is not None:
+                cmd = cmd.replace("${item.family}", item[0]).replace("${item.seed}", str(item[1]))
+            program, *args = cmd.split()
+            assert program == "genlab", stage["cmd"]
             commands.append(args)
     return commands
 
@@ -158,21 +162,21 @@ def test_tiny_training_logs_over_http_and_rest_search_returns_its_eval_metrics(
     monkeypatch.chdir(work)
     monkeypatch.delenv("DVC_ROOT", raising=False)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
-    for command in stage_commands(REPO / "dvc.yaml", ["vae"]):  # what `dvc repro` runs
+    for command in stage_commands(REPO / "dvc.yaml", ["vae"], [0]):  # what `dvc repro` runs
         assert genlab_main(command) == 0, command
 
     assert not (work / "mlflow.db").exists()  # nothing went to a local store
     (run,) = server.search_runs("digits", "tags.family = 'vae'", ["metrics.`eval/fid` ASC"])
     assert run["info"]["status"] == "FINISHED"
     metrics = metrics_of(run)
-    written = json.loads((work / "metrics/vae.json").read_text())
+    written = json.loads((work / paths.family_metrics("vae", 0)).read_text())
     expected = {k: v for k, v in written.items() if isinstance(v, int | float)}  # the numbers
     assert {"eval/fid", "eval/kid_mean", "eval/precision", "eval/recall"} <= set(expected)
     for key, value in expected.items():
         assert metrics[key] == pytest.approx(value), key
     assert "train/loss" in metrics and "val/nll_bound_nats" in metrics
     assert params_of(run)["model.latent_dim"] == "4"
-    assert tags_of(run)["dvc_stage"] == "train@vae"
+    assert tags_of(run)["dvc_stage"] == "train@vae-0"
 
     # Artifacts went through the server (served artifacts) into its own store.
     assert run["info"]["artifact_uri"].startswith("mlflow-artifacts:")

@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import Callback
 from mlflow.tracking import MlflowClient
 
 import genlab.spool
+from genlab import paths
 from genlab.config import DatasetParams, Params, parse_params
 from genlab.data.prepared import prepare
 from genlab.errors import TrainingDiverged, TrainingInterrupted
@@ -50,13 +51,13 @@ def test_sigterm_exits_nonzero_writes_nothing_final_and_resume_finishes(tmp_path
     proc = start_until_checkpoint(
         [*GENLAB, "train", "vae"], cwd=tmp_path, env=_env(tmp_path), timeout_s=120
     )
-    ckpt_root = tmp_path / "checkpoints/vae"
+    ckpt_root = tmp_path / paths.family_checkpoints("vae", 0)
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
 
     assert proc.returncode != 0, output
     assert "received SIGTERM" in output
-    assert not (tmp_path / "models/vae/model.ckpt").exists()
+    assert not (tmp_path / paths.family_model_dir("vae", 0) / MODEL_FILE).exists()
     (ckpt_dir,) = ckpt_root.iterdir()
     run_id = json.loads((ckpt_dir / "run.json").read_text())["run_id"]
     kept = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=True)
@@ -70,8 +71,9 @@ def test_sigterm_exits_nonzero_writes_nothing_final_and_resume_finishes(tmp_path
         [*GENLAB, "train", "vae"], cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert (tmp_path / "models/vae/model.ckpt").is_file()
-    assert json.loads((tmp_path / "models/vae/run.json").read_text())["run_id"] == run_id
+    assert (tmp_path / paths.family_model_dir("vae", 0) / MODEL_FILE).is_file()
+    record = tmp_path / paths.family_model_dir("vae", 0) / "run.json"
+    assert json.loads(record.read_text())["run_id"] == run_id
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs(client.search_experiments()[0].experiment_id.split())
     assert [r.info.run_id for r in runs] == [run_id]
@@ -126,6 +128,7 @@ def _train(params: Params, family: str, prepared: Path, root: Path, *callbacks: 
     return train_family(
         params,
         family,
+        seed=params.seeds[0],
         prepared_dir=prepared,
         out_dir=root / "model",
         checkpoint_root=root / "checkpoints",

@@ -20,7 +20,7 @@ import psutil  # a dependency of dvc's
 import pytest
 import yaml
 
-from genlab import warm
+from genlab import paths, warm
 from genlab.config import DatasetParams
 from genlab.data.prepared import prepare
 from pre_emption import start_until_checkpoint
@@ -138,7 +138,7 @@ def test_signals_reach_the_worker_and_a_killed_caller_takes_its_worker_with_it(
     while not any(reaped in log.read_text() for log in warm_dir.glob("*.log")):
         assert time.monotonic() < deadline, "the server did not reap the worker"
         time.sleep(0.1)
-    assert not (tmp_path / "models/vae/model.ckpt").exists()
+    assert not (tmp_path / paths.family_model_dir("vae", 0) / "model.ckpt").exists()
 
 
 def test_the_server_key_follows_the_code_and_the_environment_imports_read(

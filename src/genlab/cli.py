@@ -22,9 +22,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "reference", help="the real data's features for the sample metrics -> data/reference"
     )
+    seed_help = "training seed (default: the first of `seeds` in params)"
     for name, text in (("train", "train one family"), ("evaluate", "evaluate one family")):
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("family", choices=sorted(MODELS))
+        cmd.add_argument("--seed", type=_seed, help=seed_help)
+    sub.add_parser(
+        "baselines", help="the copycat, held-out real and real-data rows -> metrics/baselines.json"
+    )
     sub.add_parser("report", help="compare all families in reports/")
     score = sub.add_parser(
         "score",
@@ -37,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     score.add_argument("input", help="a folder of images, one image file or a .npy array of levels")
     score.add_argument("--out", metavar="FILE.csv", help="write the CSV here (default: stdout)")
+    score.add_argument(
+        "--seed", type=_seed, help="which training seed's model (default: the first)"
+    )
     sync = sub.add_parser(
         "sync",
         help="replay MLflow logging spooled during a tracking outage",
@@ -51,6 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="spool folders, or folders searched for spools (default: checkpoints/)",
     )
     return parser
+
+
+def _seed(text: str) -> int:
+    """A training seed on the command line: an integer in 0..2^32 - 1."""
+    try:
+        seed = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 0 <= seed < 2**32:
+        raise argparse.ArgumentTypeError(f"a seed is in 0..{2**32 - 1}, got {seed}")
+    return seed
 
 
 def run_sync(paths: list[str]) -> None:
@@ -93,11 +112,15 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "train":
         from genlab.stages import train
 
-        train.main(params, args.family)
+        train.main(params, args.family, _or_first(args.seed, params.seeds))
     elif args.command == "evaluate":
         from genlab.stages import evaluate
 
-        evaluate.main(params, args.family)
+        evaluate.main(params, args.family, _or_first(args.seed, params.seeds))
+    elif args.command == "baselines":
+        from genlab.stages import baselines
+
+        baselines.main(params)
     elif args.command == "report":
         from genlab.stages import report
 
@@ -105,7 +128,11 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "score":
         from genlab.scoring import run_score
 
-        run_score(params, args.family, args.input, out=args.out)
+        run_score(params, args.family, args.input, out=args.out, seed=args.seed)
+
+
+def _or_first(seed: int | None, seeds: list[int]) -> int:
+    return seeds[0] if seed is None else seed
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,6 +38,9 @@ from genlab.models import MODELS
 DATA_ARGS = ("image_shape", "levels", "num_classes")
 
 PositiveInt = Annotated[int, Field(gt=0)]
+# Lightning's seed_everything warns and picks a *random* seed above 2^32 - 1.
+MAX_SEED = 2**32 - 1
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 
 
 class Strict(BaseModel):
@@ -121,6 +124,8 @@ class TrainerParams(Strict):
 class EvaluatorParams(Strict):
     """The small classifier whose features define FID/KID/precision-recall for this dataset."""
 
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] = 0  # the instrument's own seed
+
     max_epochs: PositiveInt = 40
     batch_size: PositiveInt = 64
     lr: Annotated[float, Field(gt=0, le=1)] = 2e-3
@@ -132,7 +137,24 @@ class EvaluatorParams(Strict):
 class EvaluateParams(Strict):
     """The evaluation protocol: identical for every family so their numbers compare."""
 
-    num_samples: Annotated[int, Field(ge=2)] = 1000
+    # The held-out split every evaluation number is measured on: `test` for the final
+    # evaluation, `val` for tuning (then nothing reads the test split, and the held-out real row,
+    # which needs images outside both train and the reference split, is absent).
+    split: Literal["test", "val"] = "test"
+    # Images per sample set; null: as many as the validation split holds, the size at which the
+    # held-out real images (the validation split) are compared with the reference split, so that
+    # every row of the comparison is measured at one size.
+    num_samples: Annotated[int, Field(ge=2)] | None = None
+    # Independent sample sets per family (seeds derived from `seed`): the metrics are their
+    # mean, and their spread is the samples' part of every interval.
+    sample_seeds: Annotated[int, Field(ge=2, le=100)] = 5
+    # Bootstrap draws of the reference images: the reference's part of every interval.
+    bootstrap: Annotated[int, Field(ge=10, le=10000)] = 200
+    confidence: Annotated[float, Field(gt=0.5, lt=1)] = 0.95  # of every interval
+    # The data-copying test C_T (Meehan et al. 2020): k-means cells of the training features,
+    # and the least share of a set's samples a cell must hold to count.
+    copying_cells: Annotated[int, Field(ge=1, le=100)] = 5
+    copying_tau: Annotated[float, Field(ge=0, lt=1)] = 0.05
     batch_size: PositiveInt = 250
     seed: Annotated[int, Field(ge=0)] = 1234
     kid_subset_size: Annotated[int, Field(ge=2)] = 200
@@ -248,7 +270,9 @@ Family = Literal[tuple(MODELS)]  # type: ignore[valid-type]
 
 
 class Params(Strict):
-    seed: Annotated[int, Field(ge=0)] = 0
+    # Training seeds: every family trains once per seed (DVC matrix stages train@<family>-<seed>),
+    # and the report gives mean +- sd over seeds next to each seed's intervals.
+    seeds: Annotated[list[Seed], Field(min_length=1)] = [0]
     dataset: DatasetParams = Field(default_factory=DatasetParams)
     # The families `dvc repro` trains and evaluates (stages train@<family>, evaluate@<family>).
     families: Annotated[list[Family], Field(min_length=1)]
@@ -267,6 +291,13 @@ class Params(Strict):
             raise ValueError("a family is listed twice")
         return families
 
+    @field_validator("seeds")
+    @classmethod
+    def _seeds_unique(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds):
+            raise ValueError("a seed is listed twice")
+        return seeds
+
     def family(self, name: str) -> FamilyParams:
         return getattr(self.models, name)
 
@@ -278,10 +309,11 @@ class Params(Strict):
             return f"folder-{PurePath(self.dataset.path).name}"
         return self.dataset.name
 
-    def training_config(self, family: str) -> dict[str, Any]:
-        """Everything that determines a family's training (what its checkpoints are keyed by)."""
+    def training_config(self, family: str, seed: int) -> dict[str, Any]:
+        """Everything that determines a family's training with `seed` (what its checkpoints are
+        keyed by)."""
         return {
-            "seed": self.seed,
+            "seed": seed,
             # The data's contents join the key as its sha256 (training.py); where it was read
             # from (root, download) must not re-key a training.
             "dataset": {"name": self.dataset.name},

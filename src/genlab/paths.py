@@ -1,6 +1,7 @@
 """Every pipeline output path, relative to the working directory DVC runs a stage in.
 
-`dvc.yaml` declares the same paths; `tests/test_pipeline.py` checks the two agree.
+`dvc.yaml` declares the same paths; `tests/test_pipeline.py` checks the two agree. A family's
+outputs are per training seed: `models/<family>/seed<k>/`, `metrics/<family>/seed<k>.json`, ...
 """
 
 from pathlib import Path
@@ -14,45 +15,50 @@ EVALUATOR_METRICS = Path("metrics/evaluator.json")
 METRICS_DIR = Path("metrics")
 REPORTS = Path("reports")
 REPORT_SUMMARY = REPORTS / "summary.md"
-REAL_DATA_METRICS = REPORTS / "real_data.json"
+# The copycat, held-out real and real-data rows (stage `baselines`).
+BASELINE_METRICS = METRICS_DIR / "baselines.json"
 # One figure per question (generation, likelihood, prediction, representation, conditional)
 # and the families' grids side by side: what `dvc plots show` renders.
 REPORT_FIGURES = REPORTS / "figures"
 
 
-def family_model_dir(family: str) -> Path:
+def seed_name(seed: int) -> str:
+    return f"seed{seed}"
+
+
+def family_model_dir(family: str, seed: int) -> Path:
     """The final checkpoint (model.ckpt) and its MLflow run (run.json), written after a full fit."""
-    return Path("models") / family
+    return Path("models") / family / seed_name(seed)
 
 
-def family_checkpoints(family: str) -> Path:
+def family_checkpoints(family: str, seed: int) -> Path:
     """In-progress checkpoints (persisted by DVC across re-runs), one folder per config hash."""
-    return Path("checkpoints") / family
+    return Path("checkpoints") / family / seed_name(seed)
 
 
-def family_metrics(family: str) -> Path:
-    return METRICS_DIR / f"{family}.json"
+def family_metrics(family: str, seed: int) -> Path:
+    return METRICS_DIR / family / f"{seed_name(seed)}.json"
 
 
-def family_figures(family: str) -> Path:
+def family_figures(family: str, seed: int) -> Path:
     """The evaluate stage's grids of one family (which exist depends on what it can do)."""
-    return REPORTS / "families" / family
+    return REPORTS / "families" / family / seed_name(seed)
 
 
-def family_samples(family: str) -> Path:
-    return family_figures(family) / "samples.png"
+def family_samples(family: str, seed: int) -> Path:
+    return family_figures(family, seed) / "samples.png"
 
 
-def family_class_grid(family: str) -> Path:
+def family_class_grid(family: str, seed: int) -> Path:
     """One row per class (conditional families)."""
-    return family_figures(family) / "classes.png"
+    return family_figures(family, seed) / "classes.png"
 
 
-def family_interpolation(family: str) -> Path:
-    """Latent interpolations between test images (families that encode)."""
-    return family_figures(family) / "interpolation.png"
+def family_interpolation(family: str, seed: int) -> Path:
+    """Latent interpolations between held-out images in latent space (families that encode)."""
+    return family_figures(family, seed) / "interpolation.png"
 
 
-def family_traversal(family: str) -> Path:
+def family_traversal(family: str, seed: int) -> Path:
     """Latent traversals (families whose latent compresses the image)."""
-    return family_figures(family) / "traversal.png"
+    return family_figures(family, seed) / "traversal.png"

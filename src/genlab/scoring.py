@@ -194,8 +194,9 @@ def _read_npy(path: Path, meta: Meta) -> Images:
 # ----------------------------------------------------------------------------- the model
 
 
-def load_family(family: str, *, meta: Meta, device: torch.device) -> GenerativeModule:
-    """The trained `family` from models/<family>/model.ckpt, checked against the data's
+def load_family(family: str, *, seed: int, meta: Meta, device: torch.device) -> GenerativeModule:
+    """The trained `family` (training seed `seed`) from models/<family>/seed<k>/model.ckpt,
+    checked against the data's
     geometry; an error saying what to run when it cannot score images or is missing."""
     cls = MODELS[family]
     if scorer(cls) is None:
@@ -203,17 +204,18 @@ def load_family(family: str, *, meta: Meta, device: torch.device) -> GenerativeM
             f"{family} cannot score images: it has neither a likelihood nor an energy "
             f"(families that can: {', '.join(sorted(f for f, m in MODELS.items() if scorer(m)))})"
         )
-    checkpoint = paths.family_model_dir(family) / MODEL_FILE
+    checkpoint = paths.family_model_dir(family, seed) / MODEL_FILE
     if not checkpoint.is_file():
         raise FileNotFoundError(
-            f"{checkpoint} not found; train the family first: uv run dvc repro train@{family}"
+            f"{checkpoint} not found; train the family first: "
+            f"uv run dvc repro train@{family}-{seed}"
         )
     model = cls.load_from_checkpoint(checkpoint, map_location=device, weights_only=True)
     if (tuple(model.image_shape), model.levels) != (tuple(meta.shape), meta.levels):
         raise DataError(
             f"{checkpoint} was trained on {model.levels}-level {model.image_shape} images but "
             f"data/prepared holds {meta.levels}-level {meta.shape}; "
-            f"re-run uv run dvc repro train@{family}"
+            f"re-run uv run dvc repro train@{family}-{seed}"
         )
     return model.eval()
 
@@ -327,11 +329,20 @@ def _log_px(
     ).log_px
 
 
-def run_score(params: Params, family: str, source: str | Path, *, out: str | Path | None) -> int:
+def run_score(
+    params: Params,
+    family: str,
+    source: str | Path,
+    *,
+    out: str | Path | None,
+    seed: int | None = None,
+) -> int:
     """What `genlab score` does: read, score, write the CSV to `out` (atomically) or stdout,
-    and print the summary to stderr. Returns the number of images judged in-distribution."""
+    and print the summary to stderr. Returns the number of images judged in-distribution.
+    `seed`: which training seed's model (default: the first of `seeds`)."""
     meta = read_meta(paths.PREPARED)
-    model = load_family(family, meta=meta, device=params.trainer.eval_device)
+    seed = params.seeds[0] if seed is None else seed
+    model = load_family(family, seed=seed, meta=meta, device=params.trainer.eval_device)
     images = read_images(source, meta=meta)
     table = score_files(
         model,

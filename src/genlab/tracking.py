@@ -280,25 +280,80 @@ def log_evaluation(
         ) from None
 
 
+def _log_run(
+    params_uri: str | None,
+    experiment: str,
+    *,
+    run_name: str,
+    family_tag: str,
+    metrics: dict[str, float],
+    tags: dict[str, Any],
+    data_sha256: str,
+    artifacts: list[Path],
+    artifact_dir: str,
+) -> RunRecord | None:
+    """One finished run of a stage that is not a training (baselines, report)."""
+    if not is_global_zero():
+        return None
+    client = MlflowClient(resolve_tracking_uri(params_uri))
+    own = provenance_tags(stage=artifact_dir, data_sha256=data_sha256) | {"family": family_tag}
+    try:
+        record = start_run(client, experiment, run_name=run_name, tags=own)
+        _log_all(client, record.run_id, metrics, tags, artifacts, artifact_dir)
+        client.set_terminated(record.run_id)
+    except MlflowException as exc:
+        raise TrackingError(
+            f"could not log the {artifact_dir} run to {client.tracking_uri}: "
+            f"{exc.message.splitlines()[0]}; the files are written, re-run the stage once the "
+            f"store is reachable"
+        ) from None
+    return record
+
+
+BASELINES_TAG = "baselines"  # tags.family of the baselines run
+REPORT_TAG = "report"  # tags.family of the report run
+
+
+def log_baselines(
+    params_uri: str | None,
+    experiment: str,
+    metrics: dict[str, float],
+    *,
+    data_sha256: str,
+    protocol: dict[str, Any],
+    artifacts: list[Path],
+) -> RunRecord | None:
+    """One run per baselines stage: every row's metrics as `<row>.<metric>`, the protocol as
+    `eval.protocol.*` tags (as in the families' runs), the metrics file."""
+    return _log_run(
+        params_uri,
+        experiment,
+        run_name="baselines (copycat, held-out real)",
+        family_tag=BASELINES_TAG,
+        metrics=metrics,
+        tags={f"eval.protocol.{key}": value for key, value in protocol.items()},
+        data_sha256=data_sha256,
+        artifacts=artifacts,
+        artifact_dir="baselines",
+    )
+
+
 def log_report(
     params_uri: str | None,
     experiment: str,
-    floor: dict[str, float],
     *,
     data_sha256: str,
     artifacts: list[Path],
 ) -> RunRecord | None:
-    """One run per report: the real-data floor as metrics, the summary and figure as files."""
-    if not is_global_zero():
-        return None
-    client = MlflowClient(resolve_tracking_uri(params_uri))
-    tags = provenance_tags(stage="report", data_sha256=data_sha256) | {"family": "real_data"}
-    try:
-        record = start_run(client, experiment, run_name="report (real-data floor)", tags=tags)
-        _log_all(client, record.run_id, floor, {}, artifacts, "report")
-        client.set_terminated(record.run_id)
-    except MlflowException as exc:
-        raise TrackingError(
-            f"could not log the report to {client.tracking_uri}: {exc.message.splitlines()[0]}"
-        ) from None
-    return record
+    """One run per report: the summary and its figures as files."""
+    return _log_run(
+        params_uri,
+        experiment,
+        run_name="report",
+        family_tag=REPORT_TAG,
+        metrics={},
+        tags={},
+        data_sha256=data_sha256,
+        artifacts=artifacts,
+        artifact_dir="report",
+    )

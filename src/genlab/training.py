@@ -32,8 +32,8 @@ from genlab.data.datamodule import PreparedDataModule, derived_seed
 from genlab.data.prepared import read_meta
 from genlab.errors import TrainingDiverged, TrainingInterrupted
 from genlab.evaluation.grids import image_grid
+from genlab.evaluation.vocabulary import NUM_PARAMS, TRAIN_WALL_S, nll_key
 from genlab.models import MODELS, GenerativeModule
-from genlab.models.base import nll_key
 from genlab.spool import SpoolingMLFlowLogger
 from genlab.tracking import (
     RunRecord,
@@ -258,14 +258,14 @@ class SampleGridCallback(Callback):
 
 
 def _callbacks(
-    params: Params, family: str, model: GenerativeModule, ckpt_dir: Path
+    params: Params, family: str, seed: int, model: GenerativeModule, ckpt_dir: Path
 ) -> tuple[list[Callback], ModelCheckpoint | None]:
     """Per-step seeds, the finite-loss check, resumable `last.ckpt` (every epoch and on SIGTERM),
     the best-validation checkpoint, early stopping, sample grids."""
     fp = params.family(family)
     finite = FiniteCheck(params.trainer.log_every_n_steps, ckpt_dir)
     callbacks: list[Callback] = [
-        StepSeeds(params.seed),
+        StepSeeds(seed),
         finite,
         SignalCheckpoint(ckpt_dir, finite),
         # The latest epoch, every epoch, for resume. Not `save_last=True`: since Lightning 2.6 it
@@ -275,7 +275,7 @@ def _callbacks(
             dirpath=ckpt_dir, filename=LAST, save_top_k=1, enable_version_counter=False
         ),
         SampleGridCallback(
-            params.trainer.sample_every_n_epochs, params.trainer.sample_grid_size, params.seed
+            params.trainer.sample_every_n_epochs, params.trainer.sample_grid_size, seed
         ),
     ]
     best = None
@@ -305,7 +305,7 @@ class TrainResult:
     wall_s: float
 
 
-def _open_run(params: Params, family: str, ckpt_dir: Path, tags: dict[str, str]) -> RunRecord:
+def _open_run(params: Params, run_name: str, ckpt_dir: Path, tags: dict[str, str]) -> RunRecord:
     """The MLflow run of this training: resumed from `ckpt_dir` if it holds one, else new."""
     record_path = ckpt_dir / RUN_FILE
     uri = resolve_tracking_uri(params.tracking.uri)
@@ -317,7 +317,7 @@ def _open_run(params: Params, family: str, ckpt_dir: Path, tags: dict[str, str])
             if record.tracking_uri == client.tracking_uri:
                 client.set_terminated(record.run_id, status="RUNNING")
                 return record
-        record = start_run(client, params.experiment_name, run_name=family, tags=tags)
+        record = start_run(client, params.experiment_name, run_name=run_name, tags=tags)
     record.save(record_path)
     return record
 
@@ -351,36 +351,45 @@ def for_speed(model: GenerativeModule, tp: TrainerParams) -> GenerativeModule:
     return model
 
 
+def run_name(family: str, seed: int) -> str:
+    """The MLflow run of a family's training with one seed."""
+    return f"{family} (seed {seed})"
+
+
 def train_family(
     params: Params,
     family: str,
     *,
+    seed: int,
     prepared_dir: str | Path,
     out_dir: str | Path,
     checkpoint_root: str | Path,
     callbacks: Sequence[Callback] = (),
 ) -> TrainResult:
-    """Fit `family` and write `out_dir/model.ckpt` and `out_dir/run.json` after a finished fit.
+    """Fit `family` with training seed `seed` and write `out_dir/model.ckpt` and
+    `out_dir/run.json` after a finished fit. Reads the training and validation splits only:
+    checkpoint selection and early stopping use validation, and the test split is never opened.
 
     `callbacks` are added to genlab's own (a library user's hooks, a test's fault injection)."""
     start = time.perf_counter()
     meta = read_meta(prepared_dir)
     fp = params.family(family)
-    config = params.training_config(family) | {"data_sha256": meta.data_sha256}
+    config = params.training_config(family, seed) | {"data_sha256": meta.data_sha256}
     ckpt_dir = Path(checkpoint_root) / config_hash(config)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
 
-    L.seed_everything(params.seed, workers=True)
+    L.seed_everything(seed, workers=True)
     model = for_speed(build_model(params, family, prepared_dir), params.trainer)
     tp = params.trainer
-    datamodule = PreparedDataModule(prepared_dir, fp.batch_size, seed=params.seed)
+    datamodule = PreparedDataModule(prepared_dir, fp.batch_size, seed=seed)
 
     record = None
     loggers = []
     if is_global_zero():
-        tags = provenance_tags(stage=f"train@{family}", data_sha256=meta.data_sha256)
-        tags |= {"family": family, "dataset": meta.dataset, "config_hash": config_hash(config)}
-        record = _open_run(params, family, ckpt_dir, tags)
+        tags = provenance_tags(stage=f"train@{family}-{seed}", data_sha256=meta.data_sha256)
+        tags |= {"family": family, "seed": str(seed), "dataset": meta.dataset}
+        tags |= {"config_hash": config_hash(config)}
+        record = _open_run(params, run_name(family, seed), ckpt_dir, tags)
         # Logging failures during training are spooled to the checkpoint folder and replayed
         # when the server is back, at the end of the fit, or by `genlab sync`.
         loggers.append(
@@ -392,7 +401,7 @@ def train_family(
             )
         )
 
-    own, best = _callbacks(params, family, model, ckpt_dir)
+    own, best = _callbacks(params, family, seed, model, ckpt_dir)
     callbacks = [*callbacks, *own]
     trainer = L.Trainer(
         max_epochs=fp.max_epochs,
@@ -460,7 +469,7 @@ def train_family(
         logger = loggers[0]
         logger.log_artifact(final, "checkpoint")
         num_params = sum(p.numel() for p in model.parameters())
-        logger.log_metrics({"train/wall_s": wall_s, "model/num_params": num_params})
+        logger.log_metrics({TRAIN_WALL_S: wall_s, NUM_PARAMS: num_params})
         logger.finalize("success")  # replays what an outage left in the spool, or says so
         record.save(out_dir / RUN_FILE)
     return TrainResult(record, final, trainer.current_epoch, wall_s)

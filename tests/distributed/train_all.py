@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from genlab import paths
 from genlab.config import parse_params
 from genlab.training import train_family
 
@@ -17,10 +18,12 @@ torch.set_num_threads(1)
 prepared, out, params_file = (Path(a) for a in sys.argv[1:4])
 params = parse_params(yaml.safe_load(params_file.read_text()))
 for family in params.families:
-    train_family(
-        params,
-        family,
-        prepared_dir=prepared,
-        out_dir=out / "models" / family,
-        checkpoint_root=out / "checkpoints" / family,
-    )
+    for seed in params.seeds:
+        train_family(
+            params,
+            family,
+            seed=seed,
+            prepared_dir=prepared,
+            out_dir=out / paths.family_model_dir(family, seed),
+            checkpoint_root=out / paths.family_checkpoints(family, seed),
+        )

@@ -87,7 +87,7 @@ def test_digits_classifier_is_unchanged_by_the_size_rule() -> None:
 def test_evaluator_file_without_image_size_loads_as_the_digits_network(tmp_path: Path) -> None:
     net = Classifier(in_channels=1, levels=17, num_classes=10, width=4, feature_dim=8)
     path = tmp_path / "evaluator.pt"
-    save_evaluator(path, net, val_accuracy=0.5, test_accuracy=0.5, dataset_sha256="0" * 64)
+    save_evaluator(path, net, val_accuracy=0.5, dataset_sha256="0" * 64)
     blob = torch.load(path, weights_only=True)
     del blob["config"]["image_size"]  # as written before the key existed
     torch.save(blob, path)

@@ -24,15 +24,11 @@ from genlab.data.datasets import Split
 from genlab.data.prepared import SPLITS, Meta, load_split, read_meta, split_sha256
 from genlab.errors import ConfigError, DataError
 from genlab.evaluation import inception
-from genlab.evaluation.evaluate import generation_metrics
-from genlab.evaluation.evaluator import Classifier, save_evaluator
-from genlab.evaluation.fidelity import (
-    _Images,
-    evaluator_outputs,
-    extract_features,
-    load_reference,
-    measurement,
-)
+from genlab.evaluation import vocabulary as v
+from genlab.evaluation.evaluator import Classifier, evaluator_outputs, save_evaluator
+from genlab.evaluation.features import _Images, extract_features
+from genlab.evaluation.protocol import load_reference, measurement
+from genlab.evaluation.rows import Row, generation_metrics
 from genlab.stages import reference as reference_stage
 
 
@@ -100,7 +96,10 @@ def inception_params(weights: Path | None, sha: str, **evaluate: object) -> Para
                 "feature_extractor": "inception",
                 "inception_weights": None if weights is None else str(weights),
                 "inception_sha256": sha,
-                "num_samples": 4,
+                "num_samples": 2,  # the held-out real row's size (the validation split)
+                "sample_seeds": 2,
+                "bootstrap": 10,
+                "copying_cells": 2,
                 "batch_size": 4,
                 "kid_subset_size": 2,
                 "kid_subsets": 3,
@@ -209,7 +208,7 @@ def test_inception_protocol_end_to_end(
     )
     torch.manual_seed(0)
     net = Classifier(in_channels=3, levels=256, num_classes=2, width=4, feature_dim=8)
-    save_evaluator(paths.EVALUATOR, net, val_accuracy=0.5, test_accuracy=0.5, dataset_sha256="-")
+    save_evaluator(paths.EVALUATOR, net, val_accuracy=0.5, dataset_sha256="-")
     params = inception_params(weights, sha256(weights))
     reference_stage.main(params)
 
@@ -223,21 +222,25 @@ def test_inception_protocol_end_to_end(
     (cached,) = paths.REFERENCE.iterdir()
     assert cached.name == f"{protocol.features_id}.pt"
     reference = load_reference(paths.REFERENCE, protocol)
-    assert reference.test.features.shape == (6, 2048) and len(reference.floor) == 4
+    assert reference.reference.features.shape == (6, 2048)
+    assert (len(reference.train), len(reference.heldout)) == (6, 2)
 
     samples = rgb_split(4, 3).x
     # All of class 0: one per-class FID (each costs an eigendecomposition of 2048 x 2048).
     labels = torch.zeros(4, dtype=torch.int64)
     test = load_split(paths.PREPARED, "test")
+    row = Row([samples], labels)
+    features = [extract_features(samples, extractor, batch_size=4)]
     metrics = generation_metrics(
-        samples,
-        labels,
-        extractor=extractor,
+        row,
+        features,
         reference=reference,
         reference_y=test.y,
-        evaluator_path=paths.EVALUATOR,
-        protocol=params.evaluate,
+        protocol=protocol,
         num_classes=2,
+        extractor=extractor,
+        evaluator_path=paths.EVALUATOR,
+        batch_size=4,
     )
     direct = torch_fidelity.calculate_metrics(
         input1=_Images(samples),  # 8-bit RGB: what torch-fidelity takes as is
@@ -260,19 +263,20 @@ def test_inception_protocol_end_to_end(
         save_cpu_ram=True,
     )
     for ours, theirs in (
-        ("fid", torch_fidelity.KEY_METRIC_FID),
-        ("kid_mean", torch_fidelity.KEY_METRIC_KID_MEAN),
-        ("precision", torch_fidelity.KEY_METRIC_PRECISION),
-        ("recall", torch_fidelity.KEY_METRIC_RECALL),
-        ("isc_mean", torch_fidelity.KEY_METRIC_ISC_MEAN),
+        (v.FID, torch_fidelity.KEY_METRIC_FID),
+        (v.KID, torch_fidelity.KEY_METRIC_KID_MEAN),
+        (v.PRECISION, torch_fidelity.KEY_METRIC_PRECISION),
+        (v.RECALL, torch_fidelity.KEY_METRIC_RECALL),
+        (v.ISC, torch_fidelity.KEY_METRIC_ISC_MEAN),
     ):
-        assert metrics[f"eval/{ours}"] == pytest.approx(direct[theirs], rel=1e-6, abs=1e-9), ours
-    assert metrics["eval/fid"] > 0
+        assert metrics[ours] == pytest.approx(direct[theirs], rel=1e-6, abs=1e-9), ours
+    assert metrics[v.FID] > 0
+    assert metrics[v.ci_low(v.FID)] <= metrics[v.FID] <= metrics[v.ci_high(v.FID)]
     # Conditional accuracy is the evaluator's (Inception's logits are ImageNet classes).
     _, logits = evaluator_outputs(paths.EVALUATOR, samples)
-    assert metrics["eval/cond_acc"] == float((logits.argmax(1) == labels).double().mean())
-    assert metrics["eval/class_fid_mean"] == metrics["eval/class_fid_0"] >= 0
-    assert "eval/class_fid_1" not in metrics  # no samples of class 1
+    assert metrics[v.COND_ACC] == float((logits.argmax(1) == labels).double().mean())
+    assert metrics[v.CLASS_FID_MEAN] == metrics[v.class_fid(0)] >= 0
+    assert v.class_fid(1) not in metrics  # no samples of class 1
 
 
 def test_params_name_a_bad_hash_or_extractor() -> None:

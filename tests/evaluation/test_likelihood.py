@@ -8,8 +8,15 @@ import pytest
 import torch
 
 from genlab.data.datasets import Split
-from genlab.evaluation.likelihood import heldout_nll, likelihood_metrics
+from genlab.evaluation import vocabulary as v
+from genlab.evaluation.likelihood import (
+    heldout_nll,
+    likelihood_metrics,
+    per_image_nll,
+    train_subset,
+)
 from genlab.models.base import GenerativeModule, bits_per_dim, bpd_key, nll_key
+from genlab.models.diffusion import Diffusion
 from genlab.models.vae import VAE
 
 
@@ -90,22 +97,56 @@ def test_heldout_nll_sums_then_divides() -> None:
         assert result.bpd == pytest.approx(expected / (64 * math.log(2)), rel=1e-12)
 
 
-def test_likelihood_metrics_keys() -> None:
-    model = FactorisedCategorical(image_shape=(1, 8, 8), levels=17)
-    splits = {"val": random_split(3, (1, 8, 8), 17), "test": random_split(5, (1, 8, 8), 17, 1)}
-    metrics = likelihood_metrics(model, splits, batch_size=2, seed=0)
-    assert set(metrics) == {"val/nll_nats", "val/bpd", "test/nll_nats", "test/bpd"}
-    assert metrics["test/bpd"] == pytest.approx(math.log2(17), rel=1e-12)
+def test_likelihood_metrics_keys_and_standard_errors(tiny: dict) -> None:
+    model = FactorisedCategorical(image_shape=(1, 8, 8), levels=17, scale=1.0)
+    test = random_split(5, (1, 8, 8), 17, 1)
+    metrics = likelihood_metrics(model, test, split="test", batch_size=2, seed=0)
+    nll, bpd = v.nll_key("test", "exact"), v.bpd_key("test", "exact")
+    assert set(metrics) == {nll, bpd, v.se(nll), v.se(bpd)}
+    per_image = per_image_nll(model, test, batch_size=2, seed=0)
+    assert metrics[nll] == pytest.approx(float(per_image.mean()))
+    # The standard error over images: sd / sqrt(n).
+    assert metrics[v.se(nll)] == pytest.approx(float(per_image.std() / math.sqrt(5)))
+    assert metrics[v.se(bpd)] == pytest.approx(metrics[v.se(nll)] / (64 * math.log(2)))
+    uniform = FactorisedCategorical(image_shape=(1, 8, 8), levels=17)
+    exact = likelihood_metrics(uniform, test, split="val", batch_size=2, seed=0)
+    assert exact[v.bpd_key("val", "exact")] == pytest.approx(math.log2(17), rel=1e-12)
+    assert exact[v.se(v.nll_key("val", "exact"))] == pytest.approx(0, abs=1e-9)  # every image
 
     kw = {"image_shape": (1, 8, 8), "levels": 17, "num_classes": 10, "latent_dim": 2}
+    bound_keys = {v.nll_key("test", "lower_bound"), v.bpd_key("test", "lower_bound")}
+    bound_keys |= {v.se(k) for k in bound_keys}
     elbo_only = VAE(**kw, hidden_dim=8, eval_samples=1)
-    bound = likelihood_metrics(elbo_only, splits, batch_size=2, seed=0)
-    assert set(bound) == {"val/nll_bound_nats", "val/bpd_bound", "test/nll_bound_nats"} | {
-        "test/bpd_bound"
-    }
+    assert set(likelihood_metrics(elbo_only, test, split="test", batch_size=2, seed=0)) == (
+        bound_keys
+    )
+    # More importance draws tighten the bound: the one-draw bound (the ELBO) is reported too.
     iwae = VAE(**kw, hidden_dim=8, eval_samples=8)
-    both = likelihood_metrics(iwae, {"test": splits["test"]}, batch_size=2, seed=0)
-    assert set(both) == {"test/nll_bound_nats", "test/bpd_bound", "test/nll_bound_k1_nats"}
+    both = likelihood_metrics(iwae, test, split="test", batch_size=2, seed=0)
+    k1 = v.single_draw_key("test")
+    assert set(both) == bound_keys | {k1, v.se(k1)}
+    # Diffusion's draws are terms of one bound: one term is the same bound, only noisier.
+    diffusion = Diffusion(image_shape=(1, 8, 8), levels=17, num_classes=10, **tiny["diffusion"])
+    assert diffusion.monte_carlo == "terms" and diffusion.eval_samples > 1
+    terms = likelihood_metrics(diffusion, test, split="test", batch_size=2, seed=0)
+    assert set(terms) == bound_keys
+
+
+def test_the_gap_is_heldout_minus_as_many_training_images() -> None:
+    model = FactorisedCategorical(image_shape=(1, 8, 8), levels=17, scale=1.0)
+    heldout, train = random_split(5, (1, 8, 8), 17, 1), random_split(20, (1, 8, 8), 17, 2)
+    metrics = likelihood_metrics(model, heldout, split="test", train=train, batch_size=4, seed=3)
+    seen = train_subset(train, 5, 3)
+    assert len(seen) == 5 and len({tuple(x.flatten().tolist()) for x in seen.x}) == 5
+    nll_train = heldout_nll(model, seen, batch_size=4, seed=3)
+    nll = v.nll_key("test", "exact")
+    assert metrics[v.NLL_GAP] == pytest.approx(metrics[nll] - nll_train.nats)
+    assert metrics[v.se(v.NLL_GAP)] == pytest.approx(math.hypot(metrics[v.se(nll)], nll_train.se))
+    # A model that memorised its training images: a large positive gap.
+    memoriser = FactorisedCategorical(image_shape=(1, 8, 8), levels=17)
+    memoriser.logits = torch.full_like(memoriser.logits, -10.0).scatter_(0, seen.x[:1].long(), 10.0)
+    gap = likelihood_metrics(memoriser, heldout, split="test", train=seen, batch_size=4, seed=0)
+    assert gap[v.NLL_GAP] > 0
 
 
 def test_heldout_nll_of_the_vae_is_seeded(tiny_vae_kwargs: dict) -> None:

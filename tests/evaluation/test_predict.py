@@ -11,6 +11,7 @@ import torch
 
 from genlab.config import EvaluateParams, PredictionParams
 from genlab.data.prepared import load_split, read_meta
+from genlab.evaluation import vocabulary as v
 from genlab.evaluation.evaluate import prediction_metrics
 from genlab.evaluation.predict import accuracy, log_prior, posterior, score_images, scorer
 from genlab.models import MODELS
@@ -99,15 +100,20 @@ def test_exact_model_tells_digits_from_noise(prepared_digits: Path) -> None:
         counted(train.x, None, 1, meta.levels), image_shape=meta.shape, conditional=False
     )
     params = PredictionParams(fpr=0.1)
-    metrics = prediction_metrics(model, splits, params=params, protocol=EvaluateParams())
-    assert metrics["ood/auroc_noise"] > 0.99
-    assert metrics["ood/auroc_typicality_noise"] > 0.99
-    assert metrics["ood/detected_noise"] == 1.0
+    metrics = prediction_metrics(
+        model, splits, heldout="test", params=params, protocol=EvaluateParams()
+    )
+    assert metrics[v.auroc("noise")] > 0.99
+    assert metrics[v.auroc("noise", typicality=True)] > 0.99
+    assert metrics[v.detected("noise")] == 1.0
     # Validation and test are written by different people: the rate moves, but stays near fpr.
-    assert 0.01 < metrics["ood/test_fpr"] < 0.3
+    assert 0.01 < metrics[v.OOD_FPR] < 0.3
+    assert metrics[v.ci_low(v.OOD_FPR)] < metrics[v.OOD_FPR] < metrics[v.ci_high(v.OOD_FPR)]
     for name in params.ood_sets:
-        assert 0.0 <= metrics[f"ood/auroc_{name}"] <= 1.0
-    assert "test/class_acc" not in metrics  # unconditional: no classifier
+        key = v.auroc(name)
+        # DeLong intervals in float64: inside [0, 1], never 1.0000001.
+        assert 0.0 <= metrics[v.ci_low(key)] <= metrics[key] <= metrics[v.ci_high(key)] <= 1.0
+    assert v.class_acc("test") not in metrics  # unconditional: no classifier
 
 
 def test_conditional_exact_model_classifies_and_reports_the_marginal(prepared_digits: Path) -> None:
@@ -117,18 +123,28 @@ def test_conditional_exact_model_classifies_and_reports_the_marginal(prepared_di
     probs = counted(train.x, train.y, meta.num_classes, meta.levels)
     model = PixelCategorical(probs, image_shape=meta.shape, conditional=True)
     metrics = prediction_metrics(
-        model, splits, params=PredictionParams(ood_sets=["noise"]), protocol=EvaluateParams()
+        model,
+        splits,
+        heldout="test",
+        params=PredictionParams(ood_sets=["noise"]),
+        protocol=EvaluateParams(),
     )
     # Naive Bayes on pixels: a weak but real classifier of the digits.
-    assert metrics["test/class_acc"] > 0.8
+    acc = v.class_acc("test")
+    assert metrics[acc] > 0.8
+    assert metrics[v.ci_low(acc)] < metrics[acc] < metrics[v.ci_high(acc)]
     prior = log_prior(train.y, meta.num_classes)
     joint = (
         torch.stack([model.log_prob(test.x, torch.full((len(test),), k)) for k in range(10)], 1)
         + prior
     )
-    marginal = -torch.logsumexp(joint, 1).mean()
-    assert metrics["test/marginal_nll_nats"] == pytest.approx(float(marginal))
-    assert metrics["test/marginal_bpd"] == pytest.approx(float(marginal) / (64 * math.log(2)))
+    per_image = -torch.logsumexp(joint, 1)
+    marginal = per_image.mean()
+    key = v.nll_key("test", "exact", marginal=True)
+    assert metrics[key] == pytest.approx(float(marginal))
+    assert metrics[v.se(key)] == pytest.approx(float(per_image.std() / math.sqrt(len(test))))
+    bpd = v.bpd_key("test", "exact", marginal=True)
+    assert metrics[bpd] == pytest.approx(float(marginal) / (64 * math.log(2)))
 
 
 def test_energy_model_scores_with_its_energy(tiny: dict[str, dict]) -> None:
@@ -204,3 +220,30 @@ def test_a_shortlist_rescores_the_best_classes_with_every_draw(tiny: dict[str, d
     assert torch.equal(
         score_images(exact, x, shortlist=2, **kw).joint, score_images(exact, x, **kw).joint
     )
+
+
+@pytest.mark.parametrize(("family", "estimate"), [("vae", False), ("diffusion", True)])
+def test_the_conditional_marginal_is_a_bound_or_an_estimate_as_the_draws_say(
+    family: str, estimate: bool, tiny: dict[str, dict], prepared_digits: Path
+) -> None:
+    """Importance-weighted draws (VAE): log sum_y p(y) p_hat(x|y) is still a bound in
+    expectation. Terms of one bound (diffusion): a log-sum-exp of noisy per-class estimates is
+    biased low, so the marginal is named an estimate."""
+    kwargs = tiny[family] | {"conditional": True}
+    torch.manual_seed(0)
+    model = MODELS[family](image_shape=(1, 8, 8), levels=17, num_classes=10, **kwargs).eval()
+    assert model.monte_carlo == ("terms" if estimate else "importance")
+    meta = read_meta(prepared_digits)
+    splits = {s: load_split(prepared_digits, s, meta) for s in ("train", "val", "test")}
+    splits = {s: type(split)(x=split.x[:40], y=split.y[:40]) for s, split in splits.items()}
+    metrics = prediction_metrics(
+        model,
+        splits,
+        heldout="test",
+        params=PredictionParams(bound_samples=2, shortlist=None, ood_sets=["noise"]),
+        protocol=EvaluateParams(),
+    )
+    key = v.nll_key("test", "lower_bound", marginal=True, estimate=estimate)
+    assert key in metrics and v.se(key) in metrics
+    other = v.nll_key("test", "lower_bound", marginal=True, estimate=not estimate)
+    assert other not in metrics

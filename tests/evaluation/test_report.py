@@ -1,8 +1,9 @@
-"""The report lists every family and marks `n/a` exactly where the contract has no method.
+"""The report: one row per family, `n/a` exactly where the contract has no method, ranks only
+where the intervals separate, ties elsewhere, and copying called out in words.
 
-Synthetic metrics (the keys the evaluate stage writes for what each family can do), real files
-on disk: figures opened with PIL, grids written as small PNGs, the stage run end to end with a
-real evaluator and a real MLflow store.
+Synthetic metrics files (the keys the evaluate and baselines stages write, with intervals) as
+the report's only input; real files on disk: figures opened with PIL, the stage run end to end
+with a real evaluator and a real MLflow store.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import math
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 from mlflow import MlflowClient
 from PIL import Image
@@ -20,57 +20,33 @@ from PIL import Image
 from genlab import paths
 from genlab.config import Params, parse_params
 from genlab.data.prepared import read_meta
-from genlab.evaluation.fidelity import measurement
+from genlab.errors import GenlabError
+from genlab.evaluation import vocabulary as v
+from genlab.evaluation.figures import FIGURES, write_figures
+from genlab.evaluation.protocol import measurement
 from genlab.evaluation.report import (
-    FIGURES,
+    COPYCAT,
+    HELDOUT,
     QUESTIONS,
     REAL,
-    FamilyReport,
-    capabilities,
-    family_reports,
+    Row,
+    Verdict,
+    copying,
     grid_panels,
-    pixel_probe,
+    rank,
+    reasons,
+    seeds_interval,
     summary_markdown,
-    write_figures,
 )
+from genlab.evaluation.vocabulary import Estimate
+from genlab.io import write_json_atomic
 from genlab.models import MODELS
-from genlab.models.base import bpd_key, nll_key
+from genlab.stages import report as report_stage
+from genlab.tracking import REPORT_TAG
 
 FAMILIES = ["pixelcnn", "flow", "vae", "diffusion", "ebm", "gan"]
-CONDITIONAL = {
-    "pixelcnn": False,
-    "flow": False,
-    "vae": False,
-    "diffusion": True,
-    "ebm": True,
-    "gan": True,
-}
-OOD_SETS = ["noise", "inverted", "hflip", "vflip", "rot90", "natural"]
-NUM_CLASSES = 10
-
-
-def unconditional(family: str) -> str:
-    return f"n/a: unconditional (set models.{family}.conditional: true)"
-
-
-# The expected n/a cells of the headline table; every other cell holds a number.
-EXPECTED_NA: dict[str, dict[str, str]] = {
-    "pixelcnn": {
-        "classification": unconditional("pixelcnn"),
-        "representation": "n/a: no encoder",
-        "conditional": unconditional("pixelcnn"),
-    },
-    "flow": {"classification": unconditional("flow"), "conditional": unconditional("flow")},
-    "vae": {"classification": unconditional("vae"), "conditional": unconditional("vae")},
-    "diffusion": {},
-    "ebm": {"likelihood": "n/a: unnormalised (energy only)", "representation": "n/a: no encoder"},
-    "gan": {
-        "likelihood": "n/a: no likelihood or energy",
-        "ood": "n/a: no likelihood or energy",
-        "classification": "n/a: no likelihood or energy for Bayes' rule",
-        "representation": "n/a: no encoder",
-    },
-}
+CONDITIONAL = {f: f in ("diffusion", "ebm", "gan") for f in FAMILIES}
+OOD_SETS = ["noise", "natural"]
 
 
 def make_params(conditional: dict[str, bool] = CONDITIONAL, **extra: object) -> Params:
@@ -78,63 +54,80 @@ def make_params(conditional: dict[str, bool] = CONDITIONAL, **extra: object) -> 
     return parse_params({"families": list(conditional), "models": models, **extra})
 
 
-def synthetic_metrics(family: str, conditional: bool, i: int) -> dict[str, float]:
-    """The metric keys evaluate writes for what `family` can do, with distinct values: FID
-    1.111 * (i + 1), nats 80 + i (conditional) and 90 + i (marginal), AUROCs 0.9 - 0.01 j."""
+def with_ci(key: str, value: float, half: float) -> dict[str, float]:
+    return {key: value, v.ci_low(key): value - half, v.ci_high(key): value + half}
+
+
+def rates(copies: float, authentic: float) -> dict[str, float]:
+    out = {}
+    for key, value in ((v.EXACT_COPIES, copies), (v.NN_MEMORISED_PIXELS, copies)):
+        out |= with_ci(key, value, 0.01 if 0 < value < 1 else 0.0)
+    out |= with_ci(v.NN_MEMORISED_FEATURES, copies, 0.0)
+    return out | with_ci(v.AUTHENTICITY, authentic, 0.05)
+
+
+def synthetic_metrics(family: str, conditional: bool, fid: float) -> dict[str, float]:
+    """What evaluate writes for what `family` can do, with intervals."""
     cls = MODELS[family]
-    m = {
-        "eval/fid": 1.111 * (i + 1),
-        "eval/kid_mean": 0.0123 * (i + 1),
-        "eval/precision": 0.8,
-        "eval/recall": 0.7,
-        "eval/isc_mean": 5.0,
-        "eval/samples_per_s": 100.0,
-        "eval/nfe_per_sample": 1.0,
-    }
+    m = with_ci(v.FID, fid, 0.1) | with_ci(v.KID, 0.01, 0.01) | with_ci(v.PRECISION, 0.8, 0.05)
+    m |= with_ci(v.RECALL, 0.7, 0.05) | with_ci(v.DENSITY, 0.9, 0.1)
+    m |= with_ci(v.COVERAGE, 0.6, 0.05) | with_ci(v.ISC, 5.0, 0.2)
+    m |= rates(0.0, 0.55) | with_ci(v.C_T, 1.0, 1.0)
+    m |= {v.SAMPLES_PER_S: 100.0, v.NFE_PER_SAMPLE: 1.0}
     if cls.likelihood != "none":
-        m[nll_key("test", cls.likelihood)] = 80.0 + i
-        m[bpd_key("test", cls.likelihood)] = (80.0 + i) / (64 * math.log(2))
+        nats = 80.0 + FAMILIES.index(family)
+        m |= {v.nll_key("test", cls.likelihood): nats, v.se(v.nll_key("test", cls.likelihood)): 0.3}
+        m |= {v.NLL_GAP: 2.0, v.se(v.NLL_GAP): 0.5}
         if conditional:
-            m[
-                nll_key("test/marginal", cls.likelihood).replace("test/marginal/", "test/marginal_")
-            ] = 90.0 + i
+            estimate = cls.monte_carlo == "terms"
+            key = v.nll_key("test", cls.likelihood, marginal=True, estimate=estimate)
+            m |= {key: 90.0, v.se(key): 0.3}
     if cls.likelihood != "none" or cls.has_energy:
         for j, s in enumerate(OOD_SETS):
-            m[f"ood/auroc_{s}"] = 0.9 - 0.01 * j
-            m[f"ood/auroc_typicality_{s}"] = 0.8
-            m[f"ood/detected_{s}"] = 0.7
-        m["ood/test_fpr"] = 0.05
+            m |= with_ci(v.auroc(s), 0.9 - 0.1 * j, 0.02)
+            m |= with_ci(v.auroc(s, typicality=True), 0.8, 0.02)
+            m |= with_ci(v.detected(s), 0.7, 0.05)
         if conditional:
-            m["test/class_acc"] = 0.951
+            m |= with_ci(v.class_acc("test"), 0.95, 0.02)
     if cls.has_latent:
-        m["test/probe_acc"] = 0.912
+        m |= with_ci(v.probe_acc("test"), 0.91, 0.03)
     if conditional:
-        m["eval/cond_acc"] = 0.987
-        m["eval/class_fid_mean"] = 3.21
-        for k in range(NUM_CLASSES):
-            m[f"eval/class_fid_{k}"] = 3.0 + 0.1 * k
+        m |= with_ci(v.COND_ACC, 0.98, 0.01) | with_ci(v.CLASS_FID_MEAN, 3.2, 0.4)
+        m |= {v.class_fid(k): 3.0 + 0.1 * k for k in range(10)}
     return m
 
 
-REAL_DATA = {
-    "eval/fid": 1.358,
-    "eval/kid_mean": 0.003,
-    "eval/precision": 0.83,
-    "eval/recall": 0.71,
-    "eval/isc_mean": 6.43,
-    "test/probe_acc": 0.944,
-}
+# FIDs: pixelcnn 1.0 and flow 1.05 tie; vae 2.0 apart; the three conditional ones tie at 1.5.
+FIDS = {"pixelcnn": 1.0, "flow": 1.05, "vae": 2.0, "diffusion": 1.5, "ebm": 1.55, "gan": 1.6}
 
 
-@pytest.fixture
-def reports() -> list[FamilyReport]:
-    params = make_params()
-    metrics = {f: synthetic_metrics(f, CONDITIONAL[f], i) for i, f in enumerate(FAMILIES)}
-    return family_reports(metrics, params)
+def baselines() -> dict[str, dict[str, float]]:
+    copycat = with_ci(v.FID, 1.02, 0.1) | rates(1.0, 0.0) | with_ci(v.C_T, -9.0, 0.5)
+    heldout = with_ci(v.FID, 1.0, 0.1) | rates(0.0, 0.55) | with_ci(v.C_T, -2.0, 1.0)
+    real = rates(0.0, 0.56) | with_ci(v.class_acc("test"), 0.99, 0.01)
+    real |= with_ci(v.probe_acc("test"), 0.94, 0.02)
+    return {"copycat": copycat, "heldout": heldout, "real": real}
+
+
+def family_rows(params: Params, runs: dict[str, dict[int, dict]] | None = None) -> list[Row]:
+    from genlab.stages.report import capabilities
+
+    out = []
+    for f in params.families:
+        c = capabilities(params, f)
+        metrics = runs[f] if runs else {0: synthetic_metrics(f, c.conditional, FIDS[f])}
+        out.append(Row(f, metrics, 0.95, "test", capabilities=c, why_not=reasons(f, c)))
+    return out
+
+
+def baseline_rows() -> dict[str, Row]:
+    b = baselines()
+    names = {COPYCAT: "copycat", HELDOUT: "heldout", REAL: "real"}
+    return {title: Row(title, {0: b[key]}, 0.95, "test") for title, key in names.items()}
 
 
 def headline(summary: str) -> dict[str, dict[str, str]]:
-    """The first table of the summary as {row name: {question: cell}}."""
+    """The first table of the summary as {row name: {question or "memorisation": cell}}."""
     lines = summary.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("| family |"))
     rows = {}
@@ -142,220 +135,209 @@ def headline(summary: str) -> dict[str, dict[str, str]]:
         if not line.startswith("|"):
             break
         name, *cells = [c.strip() for c in line.strip("|").split(" | ")]
-        rows[name] = dict(zip(QUESTIONS, cells, strict=True))
+        rows[name] = dict(zip([*QUESTIONS, "memorisation"], cells, strict=True))
     return rows
 
 
-def summary_of(reports: list[FamilyReport], grids: dict | None = None) -> str:
+def summary_of(families: list[Row], base: dict[str, Row] | None = None) -> str:
     return summary_markdown(
-        reports,
-        REAL_DATA,
-        evaluator_accuracy=0.9888,
+        families,
+        baseline_rows() if base is None else base,
         dataset="digits",
         dims=64,
         ood_sets=OOD_SETS,
-        statistic="likelihood",
-        fpr=0.05,
-        grids=grids if grids is not None else grid_panels(reports, root=Path("/nonexistent")),
+        figures=list(FIGURES),
+        grids=grid_panels(families, 0, root=Path("/nonexistent")),
+        grid_seed=0,
+        extractor="genlab-evaluator",
+        protocol_id="0" * 16,
     )
 
 
-def test_capabilities_follow_the_contract_and_config() -> None:
+# ---------------------------------------------------------------- what a family can answer
+
+
+def test_reasons_follow_the_contract_and_the_conditional_flag_not_the_name() -> None:
+    from genlab.stages.report import capabilities
+
     params = make_params()
-    for family in FAMILIES:
-        reasons = capabilities(family, params)
-        assert set(reasons) == set(QUESTIONS)
-        expected = {q: r.removeprefix("n/a: ") for q, r in EXPECTED_NA[family].items()}
-        assert {q: r for q, r in reasons.items() if r is not None} == expected, family
-
-
-def test_capabilities_change_with_the_conditional_flag_not_the_name() -> None:
-    flipped = make_params({f: not flag for f, flag in CONDITIONAL.items()})
-    # A conditional VAE classifies by Bayes' rule and generates classes; an unconditional EBM
-    # and GAN do neither, whatever else they can do.
-    assert capabilities("vae", flipped)["classification"] is None
-    assert capabilities("vae", flipped)["conditional"] is None
-    for family in ("ebm", "gan"):
-        assert capabilities(family, flipped)["classification"] == unconditional(family)[5:]
-        assert capabilities(family, flipped)["conditional"] == unconditional(family)[5:]
-    assert capabilities("ebm", flipped)["ood"] is None  # the energy still ranks images
-
-
-def test_headline_table_marks_na_exactly_where_the_contract_has_no_method(
-    reports: list[FamilyReport],
-) -> None:
-    rows = headline(summary_of(reports))
-    assert list(rows) == [*FAMILIES, REAL]
-    for i, family in enumerate(FAMILIES):
-        for question, cell in rows[family].items():
-            expected = EXPECTED_NA[family].get(question)
-            if expected is not None:
-                assert cell == expected, (family, question)
-            else:
-                assert not cell.startswith("n/a"), (family, question, cell)
-        # Numbers, formatted, where the family answers.
-        assert rows[family]["generation"] == f"{1.111 * (i + 1):.3f} (KID {0.0123 * (i + 1):.4f})"
-    assert rows["pixelcnn"]["likelihood"] == "80.00"  # exact: no bound sign
-    assert rows["flow"]["likelihood"] == "≤ 81.00"  # a bound on the NLL says so
-    assert rows["diffusion"]["likelihood"] == "≤ 93.00 (marginal)"  # -log p(x), not p(x | y)
-    assert rows["vae"]["ood"] == "0.875 (worst: natural 0.850)"
-    assert rows["ebm"]["ood"] == "0.875 (worst: natural 0.850)"  # energy answers OOD
-    assert rows["ebm"]["classification"] == "0.951"
-    assert rows["vae"]["representation"] == "0.912"
-    assert rows["diffusion"]["conditional"] == "0.987 (class FID 3.21)"
-    real = rows[REAL]
-    assert real["generation"] == "1.358 (KID 0.0030)"
-    assert real["classification"] == "0.989 (evaluator, discriminative)"
-    assert real["representation"] == "0.944 (raw pixels)"
-
-
-def test_missing_metrics_say_not_measured(reports: list[FamilyReport]) -> None:
-    """A family that can answer but whose metrics file lacks the key (a stale evaluate) is not
-    mistaken for one that cannot."""
-    stale = reports[2]._replace(metrics={"eval/fid": 2.0})  # vae
-    cell = headline(summary_of([stale]))["vae"]["representation"]
-    assert cell == "n/a: not measured (re-run evaluate@vae)"
-
-
-def test_detailed_tables(reports: list[FamilyReport]) -> None:
-    summary = summary_of(reports)
-    # Sample quality with the real-data floor, the likelihood table with the family's kind.
-    assert "| vae | 3.333 | 0.0369 | 0.800 | 0.700 | 5.00 | n/a | 100 | 1 |" in summary
-    assert f"| {REAL} | 1.358 | 0.0030 |" in summary
-    assert "| vae | lower_bound | no | ≤ 82.00 | ≤ 1.848 | n/a: unconditional |" in summary
-    # diffusion: marginal -log p(x) first, then -log p(x | y) from the test keys.
-    assert "| diffusion | lower_bound | yes | ≤ 93.00 | ≤ 2.096 | ≤ 83.00 | ≤ 1.871 |" in summary
-    assert "| gan | none | yes | n/a: no likelihood or energy |" in summary
-    # OOD: both statistics per set and the detection rate at the calibrated threshold.
+    gan = reasons("gan", capabilities(params, "gan"))
+    assert gan["likelihood"] == "no likelihood or energy" and gan["generation"] is None
+    ebm = reasons("ebm", capabilities(params, "ebm"))
+    assert ebm["likelihood"] == "unnormalised (energy only)" and ebm["ood"] is None
+    flipped = make_params({"vae": True, "diffusion": False})
+    assert reasons("vae", capabilities(flipped, "vae"))["classification"] is None
     assert (
-        "| flow | AUROC, likelihood | 0.900 | 0.890 | 0.880 | 0.870 | 0.860 | 0.850 | 0.875 |"
-        in summary
+        "unconditional" in reasons("diffusion", capabilities(flipped, "diffusion"))["conditional"]
     )
-    assert "| flow | AUROC, typicality | 0.800 |" in summary
-    assert "| flow | detected (likelihood) | 0.700 |" in summary
-    assert "| ebm | AUROC, −energy | 0.900 |" in summary  # the energy stands in for log p(x)
-    assert "| gan | — | n/a: no likelihood or energy |" in summary
-    # Per-class FID for every class of the conditional families.
-    assert "| family | class 0 |" in summary and "| class 9 | mean |" in summary
-    assert "| ebm | 3.00 | 3.10 |" in summary
-    assert f"| vae | {unconditional('vae')} |" in summary
-    for name in FIGURES:
-        assert f"(figures/{name}.png)" in summary
 
 
-def write_grid(path: Path, seed: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pixels = np.random.default_rng(seed).integers(0, 256, (36, 36, 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(path)
+def test_headline_marks_na_with_the_reason_and_numbers_with_intervals() -> None:
+    rows = headline(summary_of(family_rows(make_params())))
+    assert rows["gan"]["likelihood"] == "n/a: no likelihood or energy"
+    assert rows["pixelcnn"]["representation"] == "n/a: no encoder"
+    assert rows["vae"]["classification"].startswith("n/a: unconditional")
+    assert rows["flow"]["likelihood"].startswith("≤ 81.00 [80.41, 81.59]")  # bound, +-1.96 se
+    assert rows["pixelcnn"]["likelihood"].startswith("80.00 [79.41, 80.59]")  # exact: no ≤
+    # Diffusion's conditional marginal is an estimate (terms): still its headline number.
+    assert rows["diffusion"]["likelihood"].startswith("≤ 90.00")
+    assert rows["diffusion"]["ood"].startswith("0.800 [0.780, 0.820] (natural)")  # worst set
 
 
-def test_every_figure_is_a_png_and_grids_handle_missing_files(
-    reports: list[FamilyReport], tmp_path: Path
-) -> None:
-    root = tmp_path / "repo"
-    written = {
-        ("vae", "samples"),
-        ("vae", "interpolation"),
-        ("vae", "traversal"),
-        ("diffusion", "samples"),
-        ("diffusion", "classes"),
-        ("gan", "samples"),
-    }
-    where = {
-        "samples": paths.family_samples,
-        "classes": paths.family_class_grid,
-        "interpolation": paths.family_interpolation,
-        "traversal": paths.family_traversal,
-    }
-    for i, (family, kind) in enumerate(sorted(written)):
-        write_grid(root / where[kind](family), i)
-    grids = grid_panels(reports, root=root)
-    for family, panels in grids.items():
-        for kind, panel in panels.items():
-            if (family, kind) in written:
-                assert panel == root / where[kind](family)
-            else:
-                assert isinstance(panel, str) and panel.startswith("n/a: "), (family, kind)
+def test_missing_metrics_say_not_measured() -> None:
+    params = make_params()
+    runs = {f: {0: synthetic_metrics(f, CONDITIONAL[f], FIDS[f])} for f in FAMILIES}
+    runs["vae"][0].pop(v.probe_acc("test"))
+    rows = headline(summary_of(family_rows(params, runs)))
+    assert rows["vae"]["representation"] == "n/a: not measured (re-run evaluate@vae)"
+
+
+# ---------------------------------------------------------------- ranking with intervals
+
+
+def test_rank_orders_separated_rows_and_ties_overlapping_ones() -> None:
+    ranking = rank(
+        {
+            "a": Estimate(1.0, 0.9, 1.1),
+            "b": Estimate(1.05, 0.95, 1.15),
+            "c": Estimate(2.0, 1.9, 2.1),
+            "d": Estimate(math.nan, math.nan, math.nan),
+        },
+        "lower",
+    )
+    assert ranking.groups == [["a", "b"], ["c"]] and ranking.chain() == "a ≈ b > c"
+    assert ranking.tied_with["a"] == ["b"] and ranking.tied_with["c"] == []
+    assert ranking.place("b") == 1 and ranking.place("c") == 2
+    assert rank({"x": Estimate(0.9, 0.8, 1.0), "y": Estimate(0.5, 0.4, 0.6)}, "higher").chain() == (
+        "x > y"
+    )
+
+
+def test_overlap_is_not_transitive_and_each_row_lists_all_its_ties() -> None:
+    ranking = rank(
+        {
+            "a": Estimate(1.0, 0.9, 1.2),
+            "b": Estimate(1.25, 1.15, 1.35),
+            "c": Estimate(1.4, 1.3, 1.5),
+        },
+        "lower",
+    )
+    assert ranking.chain() == "a ≈ b > c"  # a's group holds what overlaps a
+    assert ranking.tied_with["b"] == ["a", "c"]
+
+
+def test_a_value_without_an_interval_ties_with_nothing() -> None:
+    ranking = rank({"a": Estimate(1.0, math.nan, math.nan), "b": Estimate(1.0, 0.5, 1.5)}, "lower")
+    assert ranking.tied_with == {"a": [], "b": []}
+
+
+def test_summary_ranks_with_ties_and_reads_families_against_the_baselines() -> None:
+    summary = summary_of(family_rows(make_params()))
+    assert "- **generation: FID ↓**: pixelcnn ≈ flow > diffusion ≈ ebm ≈ gan > vae" in summary
+    rows = headline(summary)
+    assert rows["pixelcnn"]["generation"].endswith("#1, tied with flow")
+    assert rows["vae"]["generation"].endswith("#3")
+    assert (
+        "**pixelcnn** (FID 1.000 [0.900, 1.100]): tied with held-out real images; tied with "
+        "the copycat: FID cannot tell it from a copy of the training set." in summary
+    )
+    assert "**vae** (FID 2.000 [1.900, 2.100]): above held-out real images." in summary
+    for name in (COPYCAT, HELDOUT, REAL):
+        assert f"*{name}*" in rows
+
+
+def test_seeds_aggregate_to_mean_and_t_interval() -> None:
+    e = seeds_interval([1.0, 2.0, 3.0], 0.95)
+    assert e.value == 2.0 and e.high - e.value == pytest.approx(4.302653 * 1 / math.sqrt(3))
+    params = make_params({"vae": False}, seeds=[0, 1])
+    runs = {"vae": {s: synthetic_metrics("vae", False, fid) for s, fid in ((0, 1.0), (1, 1.4))}}
+    (row,) = family_rows(params, runs)
+    assert row.estimate(v.FID).value == pytest.approx(1.2)
+    assert row.seed_sd(v.FID) == pytest.approx(math.sqrt(0.08))
+    assert set(row.seed_estimates(v.FID)) == {0, 1}
+    summary = summary_of([row])
+    assert "| vae | eval/fid | 1.000 [0.900, 1.100] | 1.400 [1.300, 1.500] | 1.200 ± 0.283 |" in (
+        summary
+    )
+    assert "Training seeds 0, 1" in summary
+
+
+# ---------------------------------------------------------------- copying, in words
+
+
+def test_the_copycat_is_flagged_and_a_family_like_real_data_is_not() -> None:
+    base = baseline_rows()
+    copycat = copying(base[COPYCAT], base[HELDOUT])
+    assert copycat.copies and "100% exact copies of training images" in copycat.words
+    assert "C_T -9.0 (real new images: -2.0)" in copycat.words
+    (vae,) = [r for r in family_rows(make_params()) if r.name == "vae"]
+    assert copying(vae, base[HELDOUT]) == Verdict(False, "no sign of copying")
+    rows = headline(summary_of(family_rows(make_params())))
+    assert rows["*copycat*"]["memorisation"].startswith("**copies**")
+    assert rows["*held-out real*"]["memorisation"] == "—"  # the yardstick itself
+
+
+def test_without_a_heldout_row_c_t_is_judged_against_zero() -> None:
+    row = Row("m", {0: with_ci(v.C_T, -3.0, 1.0)}, 0.95, "val")
+    assert copying(row, None).copies
+    assert not copying(Row("m", {0: with_ci(v.C_T, -0.5, 1.0)}, 0.95, "val"), None).copies
+
+
+# ---------------------------------------------------------------- figures and the stage
+
+
+def test_every_figure_is_a_png_and_grids_handle_missing_files(tmp_path: Path) -> None:
+    families = family_rows(make_params())
+    grid = paths.family_samples("vae", 0)
+    (tmp_path / grid).parent.mkdir(parents=True)
+    Image.new("RGB", (20, 20), "white").save(tmp_path / grid)
+    grids = grid_panels(families, 0, root=tmp_path)
+    assert grids["vae"]["samples"] == tmp_path / grid
     assert grids["gan"]["interpolation"] == "n/a: no encoder"
-    assert grids["vae"]["classes"] == unconditional("vae")
-    assert grids["pixelcnn"]["samples"].startswith("n/a: no samples grid")
-
-    out = tmp_path / "figures"
-    figures = write_figures(
-        reports,
-        REAL_DATA,
-        evaluator_accuracy=0.9888,
-        ood_sets=OOD_SETS,
-        grids=grids,
-        out_dir=out,
+    assert grids["vae"]["traversal"].startswith("n/a: no traversal grid")
+    written = write_figures(
+        families, baseline_rows(), ood_sets=OOD_SETS, grids=grids, out_dir=tmp_path / "figures"
     )
-    assert sorted(p.name for p in figures) == sorted(f"{n}.png" for n in FIGURES)
-    for path in figures:
+    assert [p.stem for p in written] == list(FIGURES)
+    for path in written:
         with Image.open(path) as im:
-            assert im.format == "PNG" and im.width > 100 and im.height > 100, path
-            im.verify()
-    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in figures)  # no .tmp
-    with Image.open(out / "grids.png") as im:  # a row per family
-        assert im.height > im.width
-
-    summary = summary_of(reports, grids)
-    assert "| vae | ![vae samples](families/vae/samples.png) |" in summary
-    assert "| gan | ![gan samples](families/gan/samples.png) | n/a: no classes grid" in summary
+            assert im.format == "PNG" and im.size[0] > 100
+    assert not list((tmp_path / "figures").glob(".*"))  # no temporary files left
 
 
-def test_pixel_probe_beats_chance(prepared_digits: Path) -> None:
-    acc = pixel_probe(prepared_digits, c=1.0)
-    assert 0.8 < acc <= 1.0  # a linear classifier on the raw 8x8 digits is ~95% accurate
-
-
-def test_stage_writes_summary_figures_and_real_data(
+def test_stage_reads_json_and_writes_summary_and_figures(
     trained_evaluator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """`genlab report` on a working directory holding what the earlier stages write."""
-    from genlab.stages import reference, report
-
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
     shutil.copytree(trained_evaluator.prepared_dir, paths.PREPARED)
-    paths.EVALUATOR.parent.mkdir(parents=True)
+    paths.EVALUATOR.parent.mkdir()
     shutil.copy(trained_evaluator.path, paths.EVALUATOR)
-    paths.METRICS_DIR.mkdir()
-    paths.EVALUATOR_METRICS.write_text(json.dumps({"test/accuracy": 0.9}))
-    families = ["vae", "gan"]
-    params = make_params(
-        {f: CONDITIONAL[f] for f in families},
-        evaluate={"num_samples": 200, "kid_subset_size": 50, "kid_subsets": 5},
-        tracking={"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
-    )
-    reference.main(params)  # the real data's features, which the floor reads
+    params = make_params(tracking={"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})
     _, protocol = measurement(params.evaluate, paths.EVALUATOR, read_meta(paths.PREPARED))
-    for i, family in enumerate(families):
-        metrics = synthetic_metrics(family, CONDITIONAL[family], i)
-        metrics["protocol"] = protocol.as_dict()  # what evaluate@<family> records
-        paths.family_metrics(family).write_text(json.dumps(metrics))
-    write_grid(paths.family_samples("vae"), 0)
-    report.main(params)
-
-    real = json.loads(paths.REAL_DATA_METRICS.read_text())
-    assert real.pop("protocol") == protocol.as_dict()
-    assert real["eval/fid"] >= 0 and 0.8 < real["test/probe_acc"] <= 1
-    rows = headline(paths.REPORT_SUMMARY.read_text())
-    assert list(rows) == [*families, REAL]
-    assert rows["gan"]["representation"] == "n/a: no encoder"
-    assert rows[REAL]["classification"] == "0.900 (evaluator, discriminative)"
-    assert rows[REAL]["representation"] == f"{real['test/probe_acc']:.3f} (raw pixels)"
+    record = {"protocol": protocol.as_dict()}
+    for f in FAMILIES:
+        write_json_atomic(
+            paths.family_metrics(f, 0), synthetic_metrics(f, CONDITIONAL[f], FIDS[f]) | record
+        )
+    write_json_atomic(paths.BASELINE_METRICS, baselines() | record)
+    report_stage.main(params)
+    summary = paths.REPORT_SUMMARY.read_text()
+    assert "pixelcnn ≈ flow > diffusion ≈ ebm ≈ gan > vae" in summary
     for name in FIGURES:
-        with Image.open(paths.REPORT_FIGURES / f"{name}.png") as im:
-            assert im.format == "PNG"
-
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+        assert (paths.REPORT_FIGURES / f"{name}.png").is_file()
+    client = MlflowClient(params.tracking.uri)
     (run,) = client.search_runs(
-        [e.experiment_id for e in client.search_experiments()], "tags.family = 'real_data'"
+        [e.experiment_id for e in client.search_experiments()], f"tags.family = '{REPORT_TAG}'"
     )
-    assert run.data.metrics["test/probe_acc"] == pytest.approx(real["test/probe_acc"])
     logged = {a.path for a in client.list_artifacts(run.info.run_id, "report")}
-    assert logged == {
-        "report/summary.md",
-        "report/real_data.json",
-        *(f"report/{name}.png" for name in FIGURES),
-    }
+    assert "report/summary.md" in logged
+
+    # A file of another protocol: refused, nothing compared.
+    write_json_atomic(paths.BASELINE_METRICS, baselines() | {"protocol": {"id": "x"}})
+    with pytest.raises(GenlabError, match=r"metrics/baselines\.json was measured under protocol x"):
+        report_stage.main(params)
+    paths.family_metrics("gan", 0).write_text("{torn")
+    with pytest.raises(GenlabError, match=r"not valid JSON"):
+        report_stage.main(params)
+    json.loads(paths.family_metrics("vae", 0).read_text())  # the others untouched

@@ -11,7 +11,9 @@ import torch
 from genlab.config import RepresentationParams
 from genlab.data.datasets import Split
 from genlab.data.prepared import load_split, read_meta
+from genlab.evaluation import vocabulary as v
 from genlab.evaluation.grids import to_uint8_pixels
+from genlab.evaluation.intervals import wilson
 from genlab.evaluation.representation import (
     interpolation_grid,
     interpolation_pairs,
@@ -228,8 +230,15 @@ def test_represent_reports_a_probe_accuracy_and_grids(
         levels=meta.levels,
         batch_size=64,
     )
-    assert set(out.metrics) == {"test/probe_acc"}
-    assert 0.0 <= out.metrics["test/probe_acc"] <= 1.0
+    key = v.probe_acc("test")
+    assert set(out.metrics) == {key, v.ci_low(key), v.ci_high(key)}
+    # A Wilson interval of the accuracy over the 100 held-out images.
+    assert 0.0 <= out.metrics[v.ci_low(key)] <= out.metrics[key] <= out.metrics[v.ci_high(key)] <= 1
+    expected = wilson(round(out.metrics[key] * 100), 100, confidence=0.95)
+    assert (out.metrics[v.ci_low(key)], out.metrics[v.ci_high(key)]) == (
+        expected.low,
+        expected.high,
+    )
     assert out.interpolation.shape == grid_size(3, 4, h, w)
     if has_traversal:
         assert out.traversal is not None and out.traversal.shape == grid_size(2, 3, h, w)

@@ -14,7 +14,9 @@ from pathlib import Path
 import yaml
 from mlflow.tracking import MlflowClient
 
+from genlab import paths
 from genlab.config import parse_params
+from genlab.evaluation import vocabulary as v
 from genlab.training import train_family
 
 GENLAB = [sys.executable, "-m", "genlab.cli"]
@@ -31,17 +33,24 @@ def test_one_and_two_processes_give_identical_samples_and_metrics(
     raw = {
         "families": ["vae"],
         "models": {"vae": tiny["vae"] | {"max_epochs": 1, "conditional": True}},
-        # 4 batches of 25: two per rank, rank 1 draws batches 1 and 3.
-        "evaluate": {"num_samples": 100, "batch_size": 25, "kid_subset_size": 50},
+        # 2 sets of 2 batches of 25: two batches per rank, rank 1 draws the second of each set.
+        "evaluate": {
+            "num_samples": 50,
+            "sample_seeds": 2,
+            "bootstrap": 20,
+            "batch_size": 25,
+            "kid_subset_size": 25,
+        },
         "prediction": {"bound_samples": 2, "ood_sets": ["noise"]},
         "tracking": {"uri": store},
     }
     train_family(
         parse_params(raw),
         "vae",
+        seed=0,
         prepared_dir=root / "data/prepared",
-        out_dir=root / "models/vae",
-        checkpoint_root=root / "checkpoints/vae",
+        out_dir=root / paths.family_model_dir("vae", 0),
+        checkpoint_root=root / paths.family_checkpoints("vae", 0),
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     env |= {"OMP_NUM_THREADS": "1"}
@@ -57,8 +66,8 @@ def test_one_and_two_processes_give_identical_samples_and_metrics(
     def evaluate(devices: int) -> tuple[dict[str, float], bytes, str]:
         done = genlab("evaluate", "vae", devices=devices)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        metrics = json.loads((root / "metrics/vae.json").read_text())
-        grid = (root / "reports/families/vae/samples.png").read_bytes()
+        metrics = json.loads((root / paths.family_metrics("vae", 0)).read_text())
+        grid = (root / paths.family_samples("vae", 0)).read_bytes()
         return metrics, grid, done.stdout
 
     one, one_grid, _ = evaluate(1)
@@ -66,14 +75,16 @@ def test_one_and_two_processes_give_identical_samples_and_metrics(
     assert two_grid == one_grid  # the same 64 samples, pixel for pixel
 
     def measured(metrics: dict[str, float]) -> dict[str, float]:  # all but the timings
-        return {k: v for k, v in metrics.items() if k != "eval/samples_per_s" and "time/" not in k}
+        timings = {v.SAMPLES_PER_S, *(v.phase_seconds(p) for p in ("sampling", "features"))}
+        return {k: x for k, x in metrics.items() if k not in timings and "time/" not in k}
 
-    assert measured(two) == measured(one)
-    assert {"time/sampling_s", "time/features_s", "time/metrics_s"} <= one.keys()
-    assert "eval/fid" in two and "eval/cond_acc" in two
+    assert measured(two) == measured(one)  # intervals included: the same sets, the same draws
+    phases = ("sampling", "features", "metrics", "memorisation")
+    assert {v.phase_seconds(p) for p in phases} <= one.keys()
+    assert v.FID in two and v.COND_ACC in two and v.ci_high(v.FID) in two
     assert two_out.count("evaluated vae") == 1  # rank 0 alone reports (and writes, and logs)
 
     client = MlflowClient(store)
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    fid = client.get_metric_history(run.info.run_id, "eval/fid")
-    assert [m.value for m in fid] == [one["eval/fid"], two["eval/fid"]]
+    fid = client.get_metric_history(run.info.run_id, v.FID)
+    assert [m.value for m in fid] == [one[v.FID], two[v.FID]]

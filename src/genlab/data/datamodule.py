@@ -132,10 +132,15 @@ class PreparedDataModule(L.LightningDataModule):
         self._train_state: dict[str, Any] | None = None  # from a checkpoint, for the next loader
 
     def setup(self, stage: str | None = None) -> None:
-        for name in ("train", "val", "test"):
-            if name not in self._splits:
-                split = load_split(self.prepared_dir, name, self.meta)
-                self._splits[name] = (split.x, split.y)
+        # Training and validation only: the test split is read by the final evaluation alone
+        # (`test_dataloader` loads it on demand; nothing in genlab's fit asks for it).
+        for name in ("train", "val"):
+            self._load(name)
+
+    def _load(self, name: str) -> None:
+        if name not in self._splits:
+            split = load_split(self.prepared_dir, name, self.meta)
+            self._splits[name] = (split.x, split.y)
 
     def _shard(self) -> tuple[int, int]:
         trainer = self.trainer
@@ -148,7 +153,7 @@ class PreparedDataModule(L.LightningDataModule):
         return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
 
     def _loader(self, name: str, shuffle: bool) -> TensorBatches:
-        self.setup()
+        self._load(name)
         rank, world_size = self._shard()
         device = self._device()
         x, y = self._splits[name]

@@ -1,12 +1,15 @@
 """The evaluator: a small classifier trained on the training split of the prepared dataset.
 
-Its penultimate activations are the dataset-specific feature space for FID, KID and
-precision/recall (see `fidelity.py`, which registers it with torch-fidelity), and its logits give
-the Inception-style score and the accuracy of class-conditional samples. The file it writes holds
-only plain values and tensors, so it loads with `torch.load(path, weights_only=True)`:
+Its penultimate activations are the dataset-specific feature space for FID, KID,
+precision/recall and the memorisation statistics (see `features.py`, which registers it with
+torch-fidelity), and its logits give the Inception-style score and the accuracy of
+class-conditional samples. Its epoch is chosen on the validation split and it never sees the test
+split: its test accuracy is measured by the final evaluation (the `baselines` stage). The file it
+writes holds only plain values and tensors, so it loads with
+`torch.load(path, weights_only=True)`:
 
     {"format": "genlab-evaluator/1", "config": {Classifier kwargs}, "state_dict": {...},
-     "val_accuracy": float, "test_accuracy": float, "dataset_sha256": str}
+     "val_accuracy": float, "dataset_sha256": str}
 """
 
 from __future__ import annotations
@@ -172,7 +175,6 @@ class EvaluatorModule(L.LightningModule):
         self.augment = {"degrees": augment_degrees, "scale": augment_scale, "shift": augment_shift}
         self.val_accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.val_loss = MeanMetric()
-        self.test_accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro")
         # Weights (on the CPU) of the epoch with the highest validation accuracy so far; ties
         # (frequent: 350 validation images, accuracy near 1) go to the lower validation loss.
         self.best_val_accuracy = -1.0
@@ -209,15 +211,6 @@ class EvaluatorModule(L.LightningModule):
                 k: v.detach().to("cpu", copy=True) for k, v in self.classifier.state_dict().items()
             }
 
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        x, y = batch
-        _, logits = self.classifier(x)
-        self.test_accuracy.update(logits, y)
-
-    def on_test_epoch_end(self) -> None:
-        self.log("test/accuracy", self.test_accuracy.compute())
-        self.test_accuracy.reset()
-
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr)
         # Cosine decay to 0 over the whole run, stepped per batch: the later epochs fit finely,
@@ -232,7 +225,6 @@ class EvaluatorModule(L.LightningModule):
 
 class EvaluatorResult(NamedTuple):
     val_accuracy: float  # of the kept (best) epoch
-    test_accuracy: float  # of the kept weights
     num_params: int
 
 
@@ -287,13 +279,11 @@ def train_evaluator(
         if fitter.interrupted or fitter.received_sigterm or module.best_state is None:
             raise TrainingInterrupted("evaluator training did not finish; nothing written")
         module.classifier.load_state_dict(module.best_state)
-        (tested,) = fitter.test(module, datamodule=data, verbose=False)
     finally:
         torch.use_deterministic_algorithms(flags[0], warn_only=flags[1])
         torch.backends.cudnn.benchmark = flags[2]
     result = EvaluatorResult(
         val_accuracy=module.best_val_accuracy,
-        test_accuracy=float(tested["test/accuracy"]),
         num_params=sum(p.numel() for p in module.classifier.parameters()),
     )
     if fitter.is_global_zero:
@@ -301,7 +291,6 @@ def train_evaluator(
             out_path,
             module.classifier,
             val_accuracy=result.val_accuracy,
-            test_accuracy=result.test_accuracy,
             dataset_sha256=meta.data_sha256,
         )
     return result
@@ -312,7 +301,6 @@ def save_evaluator(
     classifier: Classifier,
     *,
     val_accuracy: float,
-    test_accuracy: float,
     dataset_sha256: str,
 ) -> None:
     """Write the evaluator file atomically (a temporary file in the same folder, then a rename)."""
@@ -323,7 +311,6 @@ def save_evaluator(
         "config": dict(classifier.config),
         "state_dict": {k: v.detach().cpu() for k, v in classifier.state_dict().items()},
         "val_accuracy": float(val_accuracy),
-        "test_accuracy": float(test_accuracy),
         "dataset_sha256": dataset_sha256,
     }
     save_torch_atomic(blob, path)
@@ -351,3 +338,47 @@ def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") 
             f"{path}: damaged genlab evaluator file ({exc}); re-run `dvc repro evaluator`"
         ) from None
     return classifier.to(map_location).eval()
+
+
+# ---------------------------------------------------------------- the evaluator as a classifier
+
+
+def check_images(name: str, x: Tensor) -> None:
+    """Raise one clear ValueError unless x is a uint8 batch of at least two images (N, C, H, W)."""
+    if not isinstance(x, Tensor) or x.dtype != torch.uint8 or x.ndim != 4:
+        what = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"{name}: expected uint8 images (N, C, H, W), got {what}")
+    if x.shape[0] < 2:
+        raise ValueError(f"{name}: need at least 2 images, got {x.shape[0]}")
+
+
+@torch.no_grad()
+def evaluator_outputs(
+    evaluator_path: str | Path,
+    x: Tensor,
+    *,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+) -> tuple[Tensor, Tensor]:
+    """The evaluator's features (N, feature_dim) and logits (N, num_classes) of images x
+    (uint8 (N, C, H, W)), float64 on the CPU."""
+    check_images("x", x)
+    classifier = load_classifier(evaluator_path, map_location=device)
+    features, logits = [], []
+    for xb in x.split(batch_size):
+        f, lg = classifier(xb.to(device))
+        features.append(f.double().cpu())
+        logits.append(lg.double().cpu())
+    return torch.cat(features), torch.cat(logits)
+
+
+def classifier_predictions(
+    evaluator_path: str | Path,
+    x: Tensor,
+    *,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """The evaluator's class for each image x (uint8 (N, C, H, W)): int64 (N,)."""
+    _, logits = evaluator_outputs(evaluator_path, x, batch_size=batch_size, device=device)
+    return logits.argmax(dim=1)

@@ -1,4 +1,5 @@
-"""Held-out likelihood in nats per image and bits per dimension of the discrete data."""
+"""Held-out likelihood in nats per image and bits per dimension of the discrete data, with
+standard errors, and the train - held-out gap that shows memorisation."""
 
 from __future__ import annotations
 
@@ -7,51 +8,94 @@ from typing import NamedTuple
 import torch
 
 from genlab.data.datasets import Split
-from genlab.models.base import GenerativeModule, bits_per_dim, bpd_key, nll_key
+from genlab.evaluation import vocabulary as v
+from genlab.evaluation.intervals import mean_and_se
+from genlab.models.base import GenerativeModule, bits_per_dim
 
 
 class HeldOutNLL(NamedTuple):
     nats: float  # mean negative log-likelihood (or its bound) per image
-    bpd: float  # the same in bits per dimension
+    se: float  # its standard error over images (Monte Carlo noise included: see `per_image_nll`)
+    bpd: float  # the mean in bits per dimension
     n: int  # images scored
 
 
 @torch.no_grad()
-def heldout_nll(
+def per_image_nll(
     model: GenerativeModule, split: Split, *, batch_size: int, seed: int, samples: int = 1
-) -> HeldOutNLL:
-    """Sum -log p(x | y) over the split, then divide by its size (never a mean of batch means).
+) -> torch.Tensor:
+    """-log p(x | y) (or its bound) of every image of the split, float64 (N,) on the CPU.
 
-    Bounds that use Monte Carlo (the VAE's ELBO/IWAE, a flow's dequantization) take `samples`
-    draws per image from the global generator, seeded here with `seed` and restored afterwards,
-    so the number is reproducible and the caller's random state is untouched.
+    Bounds that use Monte Carlo (the VAE's ELBO/IWAE, a flow's dequantization, diffusion's
+    timesteps) take `samples` draws per image from the global generator, seeded here with `seed`
+    and restored afterwards: the numbers are reproducible, the caller's random state untouched,
+    and every image has its own draws, so the spread between images holds the Monte Carlo noise.
     """
     if model.likelihood == "none":
         raise ValueError(f"{type(model).__name__} has no likelihood to evaluate")
     model.eval()
-    total = torch.zeros((), dtype=torch.float64)
+    out = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for i in range(0, len(split), batch_size):
             x = split.x[i : i + batch_size].to(model.device)
             y = model.labels_for(split.y[i : i + batch_size]) if model.conditional else None
-            total += -model.log_prob(x, y, samples=samples).double().sum().cpu()
-    nats = (total / len(split)).item()
-    return HeldOutNLL(nats=nats, bpd=float(bits_per_dim(nats, model.dims)), n=len(split))
+            out.append(-model.log_prob(x, y, samples=samples).double().cpu())
+    return torch.cat(out)
 
 
-def likelihood_metrics(model: GenerativeModule, splits: dict[str, Split], **kw) -> dict[str, float]:
-    """Held-out NLL and bits/dim for each split given, with the family's `eval_samples`.
+def heldout_nll(
+    model: GenerativeModule, split: Split, *, batch_size: int, seed: int, samples: int = 1
+) -> HeldOutNLL:
+    """Sum -log p(x | y) over the split, then divide by its size (never a mean of batch means),
+    with the standard error over images."""
+    nats = per_image_nll(model, split, batch_size=batch_size, seed=seed, samples=samples)
+    mean, error = mean_and_se(nats)
+    return HeldOutNLL(nats=mean, se=error, bpd=float(bits_per_dim(mean, model.dims)), n=len(nats))
 
-    A Monte Carlo bound evaluated with more than one sample also reports its single-sample value
-    (`<split>/nll_bound_k1_nats`: the ELBO for a VAE, the plain dequantization bound for a flow),
-    the number the validation curve during training shows.
-    """
-    out: dict[str, float] = {}
-    for name, split in splits.items():
-        result = heldout_nll(model, split, samples=model.eval_samples, **kw)
-        out[nll_key(name, model.likelihood)] = result.nats
-        out[bpd_key(name, model.likelihood)] = result.bpd
-        if model.likelihood == "lower_bound" and model.eval_samples > 1:
-            out[f"{name}/nll_bound_k1_nats"] = heldout_nll(model, split, samples=1, **kw).nats
+
+def train_subset(train: Split, n: int, seed: int) -> Split:
+    """n training images drawn without replacement (seeded): the training side of the gap,
+    as many images as the held-out side, scored by the same estimator."""
+    n = min(n, len(train))
+    index = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n]
+    return Split(x=train.x[index], y=train.y[index])
+
+
+def likelihood_metrics(
+    model: GenerativeModule,
+    heldout: Split,
+    *,
+    split: str,
+    train: Split | None = None,
+    batch_size: int,
+    seed: int,
+) -> dict[str, float]:
+    """Held-out NLL and bits/dim with their standard errors, with the family's `eval_samples`.
+
+    An importance-weighted bound evaluated with more than one draw also reports its single-draw
+    value (`<split>/nll_bound_k1_nats`: the ELBO for a VAE, the plain dequantization bound for a
+    flow), a looser bound. A bound whose draws are terms of one fixed bound (diffusion) does
+    not: one term per image estimates the same bound, only more noisily, which the standard
+    error already says. With `train`, the gap: held-out NLL minus the NLL of as many training
+    images (`memo/nll_gap_nats`, > 0 when the model prefers its training images)."""
+    kw = {"batch_size": batch_size, "seed": seed}
+    result = heldout_nll(model, heldout, samples=model.eval_samples, **kw)
+    nll, bpd = v.nll_key(split, model.likelihood), v.bpd_key(split, model.likelihood)
+    out = {
+        nll: result.nats,
+        v.se(nll): result.se,
+        bpd: result.bpd,
+        v.se(bpd): float(bits_per_dim(result.se, model.dims)),
+    }
+    draws_tighten = model.likelihood == "lower_bound" and model.monte_carlo == "importance"
+    if draws_tighten and model.eval_samples > 1:
+        single = heldout_nll(model, heldout, samples=1, **kw)
+        out[v.single_draw_key(split)] = single.nats
+        out[v.se(v.single_draw_key(split))] = single.se
+    if train is not None:
+        seen_split = train_subset(train, len(heldout), seed)
+        seen = heldout_nll(model, seen_split, samples=model.eval_samples, **kw)
+        out[v.NLL_GAP] = result.nats - seen.nats
+        out[v.se(v.NLL_GAP)] = (result.se**2 + seen.se**2) ** 0.5
     return out

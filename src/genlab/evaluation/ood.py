@@ -1,8 +1,8 @@
 """Out-of-distribution sets and the statistics that tell them from the data.
 
-The sets are built from the test split itself (near: the same strokes, rearranged or inverted)
-and from elsewhere (far: uniform noise, patches of natural photographs), each as large as the test
-split, deterministically from a seed:
+The sets are built from the held-out split itself (`evaluate.split`: test, or val when tuning;
+near: the same strokes, rearranged or inverted) and from elsewhere (far: uniform noise, patches of
+natural photographs), each as large as the held-out split, deterministically from a seed:
 
 - ``noise``: every pixel uniform over the L levels;
 - ``inverted``: L - 1 - x, the intensity negative;
@@ -28,9 +28,11 @@ from typing import Literal, NamedTuple, get_args
 
 import torch
 import torch.nn.functional as F
-from torchmetrics.functional.classification import binary_auroc
 
 from genlab.config import OodSet
+from genlab.evaluation import vocabulary as v
+from genlab.evaluation.intervals import auroc_estimate, delong, rate
+from genlab.evaluation.vocabulary import Estimate
 
 Statistic = Literal["likelihood", "typicality"]
 
@@ -106,10 +108,9 @@ def statistic(log_px: torch.Tensor, reference_mean: float, kind: Statistic) -> t
 
 def auroc(inside: torch.Tensor, outside: torch.Tensor) -> float:
     """Area under the ROC curve of telling `inside` (positives) from `outside` by the statistic:
-    1 separates them perfectly, 0.5 is chance, below 0.5 ranks the outside set as more typical."""
-    preds = torch.cat([inside, outside]).double()
-    target = torch.cat([torch.ones(len(inside)), torch.zeros(len(outside))]).long()
-    return float(binary_auroc(preds, target))
+    1 separates them perfectly, 0.5 is chance, below 0.5 ranks the outside set as more typical.
+    Exact in float64 (rank-based, ties count one half)."""
+    return delong(inside, outside)[0]
 
 
 def calibrate_threshold(reference: torch.Tensor, fpr: float) -> float:
@@ -140,27 +141,39 @@ def calibrate(reference_log_px: torch.Tensor, kind: Statistic, fpr: float) -> Ca
     return Calibration(kind=kind, fpr=fpr, reference_mean=mean, threshold=threshold)
 
 
+def _with_interval(key: str, result: Estimate) -> dict[str, float]:
+    return {key: result.value, v.ci_low(key): result.low, v.ci_high(key): result.high}
+
+
 def ood_metrics(
-    test: torch.Tensor, sets: dict[str, torch.Tensor], calibration: Calibration
+    heldout: torch.Tensor,
+    sets: dict[str, torch.Tensor],
+    calibration: Calibration,
+    *,
+    confidence: float = 0.95,
 ) -> dict[str, float]:
-    """Per set, the AUROC of the likelihood and of the typicality, and the fraction of the set the
-    calibrated threshold flags; plus the false-positive rate it reaches on the test split and the
-    threshold. Inputs are log p(x) scores (N,)."""
+    """Per set, the AUROC of the likelihood and of the typicality (DeLong intervals), and the
+    fraction of the set the calibrated threshold flags (Wilson interval); plus the
+    false-positive rate it reaches on the held-out split and the threshold. Inputs are log p(x)
+    scores (N,)."""
     reference_mean, threshold, kind = (
         calibration.reference_mean,
         calibration.threshold,
         calibration.kind,
     )
-    s_test = statistic(test, reference_mean, kind)
-    out = {"ood/test_fpr": float((s_test < threshold).double().mean()), "ood/threshold": threshold}
+    s_heldout = statistic(heldout, reference_mean, kind)
+    out = _with_interval(v.OOD_FPR, rate(s_heldout < threshold, confidence=confidence))
+    out[v.OOD_THRESHOLD] = threshold
     for name, log_px in sets.items():
-        out[f"ood/auroc_{name}"] = auroc(test, log_px)
-        out[f"ood/auroc_typicality_{name}"] = auroc(
-            statistic(test, reference_mean, "typicality"),
+        out |= _with_interval(v.auroc(name), auroc_estimate(heldout, log_px, confidence=confidence))
+        typical = auroc_estimate(
+            statistic(heldout, reference_mean, "typicality"),
             statistic(log_px, reference_mean, "typicality"),
+            confidence=confidence,
         )
+        out |= _with_interval(v.auroc(name, typicality=True), typical)
         s = statistic(log_px, reference_mean, kind)
-        out[f"ood/detected_{name}"] = float((s < threshold).double().mean())
+        out |= _with_interval(v.detected(name), rate(s < threshold, confidence=confidence))
     return out
 
 

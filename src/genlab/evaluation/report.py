@@ -1,274 +1,290 @@
-"""The comparison a user reads first: the five questions a generative model answers, per family.
+"""The comparison a user reads first: which family is best at each job, and where the data
+cannot tell.
 
 A model of p(x) should (1) generate new examples, (2) give a likelihood, which (3) tells data from
-out-of-distribution images ("is this a digit?"), and (4) give features learned without labels; a
-model of p(x | y) also (5) generates a chosen class and (6) classifies by Bayes' rule,
-p(y | x) ∝ p(x | y) p(y). `summary_markdown` writes one table with a row per family and a column
-per question, `n/a` with the reason where the family's contract (`likelihood`, `has_energy`,
-`has_latent`) or its config (`conditional`) has no method; then the detailed tables. One figure
-per question and the families' grids side by side go to `reports/figures/`.
+out-of-distribution images, and (4) give features learned without labels; a model of p(x | y) also
+(5) generates a chosen class and (6) classifies by Bayes' rule, p(y | x) ∝ p(x | y) p(y). Per
+question the report ranks the families *with their intervals*: families whose intervals overlap
+are tied, and the ranking never orders them. It also reads every family against two baseline
+rows measured under the same protocol (`baselines.py`): a *copycat* that redraws training
+images, and *held-out real* images no model trained on. A family whose memorisation statistics
+are significantly worse than real new images' is flagged, in words, in the summary table.
 
-The real-data row is the floor: the same sample metrics computed between the real train split
-(standing in for "samples") and the test split, and a linear probe on raw pixels. A model that
-beats it on FID is memorising or the metric is saturated; a latent whose probe does not beat raw
-pixels has learned nothing a classifier could use.
+This module only reads the metrics files (as dicts) and writes Markdown; `figures.py` draws
+the PNGs. With several training seeds a family's number is the mean over seeds, with the t
+interval of that mean (training and sampling noise both inside), next to each seed's own.
 """
 
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Literal
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib.axes import Axes
-from matplotlib.figure import Figure
-from PIL import Image
+from scipy import stats
 
 from genlab import paths
-from genlab.config import EvaluateParams, Params
-from genlab.data.prepared import load_split, read_meta
-from genlab.evaluation.fidelity import Reference, floor_metrics
-from genlab.evaluation.predict import scorer
-from genlab.evaluation.representation import linear_probe
-from genlab.models import MODELS
-from genlab.models.base import Likelihood, bits_per_dim, bpd_key, nll_key
-
-REAL = "real data (train vs test)"
+from genlab.evaluation import vocabulary as v
+from genlab.evaluation.vocabulary import Better, Estimate, Likelihood, MonteCarlo
 
 Question = Literal[
     "generation", "likelihood", "ood", "classification", "representation", "conditional"
 ]
 QUESTIONS: dict[Question, str] = {
-    "generation": "generation: FID ↓ (KID)",
-    "likelihood": "likelihood: test nats/image ↓",
-    "ood": "prediction: OOD AUROC ↑ (worst set)",
-    "classification": "prediction: class accuracy ↑",
+    "generation": "generation: FID ↓",
+    "likelihood": "likelihood: nats/image ↓",
+    "ood": "OOD: AUROC, worst set ↑",
+    "classification": "classification: accuracy ↑",
     "representation": "representation: probe accuracy ↑",
-    "conditional": "conditional generation: accuracy ↑ (class FID ↓)",
+    "conditional": "conditional generation: accuracy ↑",
+}
+DIRECTION: dict[Question, Better] = {
+    "generation": "lower",
+    "likelihood": "lower",
+    "ood": "higher",
+    "classification": "higher",
+    "representation": "higher",
+    "conditional": "higher",
 }
 GridKind = Literal["samples", "classes", "interpolation", "traversal"]
-GRID_FILES: dict[GridKind, Callable[[str], Path]] = {
+GRID_FILES: dict[GridKind, Callable[[str, int], Path]] = {
     "samples": paths.family_samples,
     "classes": paths.family_class_grid,
     "interpolation": paths.family_interpolation,
     "traversal": paths.family_traversal,
 }
-FIGURES = ("generation", "likelihood", "prediction", "representation", "conditional", "grids")
+COPYCAT, HELDOUT, REAL = "copycat", "held-out real", "real data"
+BASELINE_NOTES = {
+    COPYCAT: "training images redrawn with replacement: what a model that memorised its "
+    "training set scores",
+    HELDOUT: "real images no model trained on (the validation split), at the models' set size, "
+    "against the reference split: what a generator of genuinely new images scores",
+    REAL: "the reference split itself: its memorisation statistics against train, the evaluator "
+    "classifier's accuracy (discriminative) and a linear probe on raw pixels",
+}
 
 
-# ---------------------------------------------------------------- the real-data reference row
+# ---------------------------------------------------------------- the rows
 
 
-def real_data_floor(reference: Reference, protocol: EvaluateParams) -> dict[str, float]:
-    """Sample metrics of the real train split (its first N images) against the test split, from
-    the features the `reference` stage cached under the protocol."""
-    return floor_metrics(reference, protocol).as_dict()
+@dataclass(frozen=True)
+class Capabilities:
+    """What a family's contract and config let it answer (from `models`, passed in by the
+    stage so that this module imports no torch)."""
+
+    likelihood: Likelihood
+    monte_carlo: MonteCarlo
+    scores: bool  # log p(x) or -E(x) ranks images
+    has_energy: bool
+    has_latent: bool
+    conditional: bool
 
 
-def pixel_probe(prepared_dir: str | Path, *, c: float) -> float:
-    """Test accuracy of the linear probe on raw pixels: the baseline a learned latent has to
-    beat (the same probe, standardised features, as on the families' latents)."""
-    meta = read_meta(prepared_dir)
-    train = load_split(prepared_dir, "train", meta)
-    test = load_split(prepared_dir, "test", meta)
-    train_z = train.x.flatten(1).float()  # (N, C*H*W)
-    test_z = test.x.flatten(1).float()
-    return linear_probe(train_z, train.y, test_z, test.y, c=c)
-
-
-# ---------------------------------------------------------------- what each family can answer
-
-
-def capabilities(family: str, params: Params) -> dict[Question, str | None]:
-    """Per question, None when the family can answer it, else the reason it cannot.
-
-    Decided from the contract (`likelihood`, `has_energy`, `has_latent`) and the family's config
-    (`conditional`), never from its name."""
-    cls = MODELS[family]
-    has_likelihood = cls.likelihood != "none"
-    scores = scorer(cls) is not None  # log p(x) or -E(x) ranks images
-    conditional = bool(params.family(family).model_kwargs().get("conditional", False))
+def reasons(family: str, c: Capabilities) -> dict[Question, str | None]:
+    """Per question, None when the family can answer it, else why not (from the contract and
+    the config, never from the family's name)."""
     unconditional = f"unconditional (set models.{family}.conditional: true)"
-    if has_likelihood:
+    if c.likelihood != "none":
         likelihood = None
-    elif cls.has_energy:
+    elif c.has_energy:
         likelihood = "unnormalised (energy only)"
     else:
         likelihood = "no likelihood or energy"
-    if not conditional:
+    if not c.conditional:
         classification: str | None = unconditional
-    elif not scores:
+    elif not c.scores:
         classification = "no likelihood or energy for Bayes' rule"
     else:
         classification = None
     return {
         "generation": None,
         "likelihood": likelihood,
-        "ood": None if scores else "no likelihood or energy",
+        "ood": None if c.scores else "no likelihood or energy",
         "classification": classification,
-        "representation": None if cls.has_latent else "no encoder",
-        "conditional": None if conditional else unconditional,
+        "representation": None if c.has_latent else "no encoder",
+        "conditional": None if c.conditional else unconditional,
     }
 
 
-class FamilyReport(NamedTuple):
+@dataclass(frozen=True)
+class Row:
+    """One row of the comparison: a family (one metrics dict per training seed) or a baseline
+    (one metrics dict)."""
+
     name: str
-    likelihood: Likelihood
-    conditional: bool
-    metrics: dict[str, float]  # metrics/<family>.json
-    reasons: dict[Question, str | None]  # `capabilities`: None where the family answers
+    runs: dict[int, dict[str, float]]  # training seed -> metrics (a baseline: {0: ...})
+    confidence: float
+    split: str  # the held-out split the numbers are on
+    capabilities: Capabilities | None = None  # None: a baseline row
+    why_not: dict[Question, str | None] | None = None
+
+    @property
+    def is_family(self) -> bool:
+        return self.capabilities is not None
+
+    def reason(self, question: Question) -> str | None:
+        return None if self.why_not is None else self.why_not[question]
+
+    def seed_estimates(self, key: str) -> dict[int, Estimate]:
+        return {s: v.estimate(m, key, confidence=self.confidence) for s, m in self.runs.items()}
+
+    def estimate(self, key: str) -> Estimate:
+        """The row's value of `key`: one run's estimate, or the mean over training seeds with
+        the t interval of that mean."""
+        per_seed = [e for e in self.seed_estimates(key).values() if math.isfinite(e.value)]
+        if not per_seed:
+            return Estimate(math.nan, math.nan, math.nan)
+        if len(self.runs) == 1:
+            return per_seed[0]
+        return seeds_interval([e.value for e in per_seed], self.confidence)
+
+    def seed_sd(self, key: str) -> float:
+        values = [e.value for e in self.seed_estimates(key).values() if math.isfinite(e.value)]
+        return float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
+
+    def likelihood_key(self) -> str | None:
+        """The NLL comparable across families: the marginal -log sum_y p(x|y) p(y) for a
+        conditional family (an estimate where the bound's draws are terms), else the NLL."""
+        c = self.capabilities
+        if c is None or c.likelihood == "none":
+            return None
+        estimate = c.conditional and c.likelihood == "lower_bound" and c.monte_carlo == "terms"
+        return v.nll_key(self.split, c.likelihood, marginal=c.conditional, estimate=estimate)
 
 
-def family_reports(metrics: dict[str, dict[str, float]], params: Params) -> list[FamilyReport]:
-    """One entry per family of `params.families`, in that order."""
-    missing = [f for f in params.families if f not in metrics]
-    if missing:
-        raise ValueError(
-            f"no metrics for {', '.join(missing)}: run `dvc repro` (evaluate@<family>)"
-        )
-    return [
-        FamilyReport(
-            name=f,
-            likelihood=MODELS[f].likelihood,
-            conditional=bool(params.family(f).model_kwargs().get("conditional", False)),
-            metrics=metrics[f],
-            reasons=capabilities(f, params),
-        )
-        for f in params.families
-    ]
+def seeds_interval(values: Sequence[float], confidence: float) -> Estimate:
+    """Mean of per-seed values with its t interval (k - 1 degrees of freedom)."""
+    x = np.asarray(values, dtype=np.float64)
+    mean = float(x.mean())
+    if x.size < 2:
+        return Estimate(mean, math.nan, math.nan)
+    half = float(stats.t.ppf(0.5 + confidence / 2, x.size - 1)) * x.std(ddof=1) / math.sqrt(x.size)
+    return Estimate(mean, mean - half, mean + half)
 
 
-def likelihood_nats(family: FamilyReport) -> float:
-    """Test nats/image of -log p(x), comparable across families: the marginal for a conditional
-    likelihood family (-log sum_y p(x | y) p(y)), else the test NLL; nan where absent."""
-    if family.likelihood == "none":
-        return math.nan
-    return _get(family.metrics, nll_key("test", family.likelihood, marginal=family.conditional))
-
-
-def class_fids(family: FamilyReport) -> dict[int, float]:
-    """Per-class FID (eval/class_fid_<k>) by class k."""
-    out = {}
-    for key, value in family.metrics.items():
-        match = re.fullmatch(r"eval/class_fid_(\d+)", key)
-        if match:
-            out[int(match.group(1))] = value
-    return dict(sorted(out.items()))
-
-
-def _get(metrics: dict[str, float], key: str) -> float:
-    value = metrics.get(key)
-    return float(value) if value is not None and math.isfinite(value) else math.nan
-
-
-def mean_auroc(metrics: dict[str, float], sets: list[str], *, typicality: bool = False) -> float:
-    infix = "auroc_typicality_" if typicality else "auroc_"
-    values = [_get(metrics, f"ood/{infix}{s}") for s in sets]
-    values = [v for v in values if math.isfinite(v)]
-    return sum(values) / len(values) if values else math.nan
-
-
-# ---------------------------------------------------------------- grids
-
-
-def grid_panels(
-    families: list[FamilyReport], *, root: Path = Path(".")
-) -> dict[str, dict[GridKind, Path | str]]:
-    """Per family and grid kind, the grid's file when the evaluate stage wrote it, else the
-    reason it is absent (the family's `n/a` reason where it has no method for it)."""
-    out: dict[str, dict[GridKind, Path | str]] = {}
-    for family in families:
-        reason_for: dict[GridKind, str | None] = {
-            "samples": None,
-            "classes": family.reasons["conditional"],
-            "interpolation": family.reasons["representation"],
-            "traversal": family.reasons["representation"],
-        }
-        panels: dict[GridKind, Path | str] = {}
-        for kind, where in GRID_FILES.items():
-            path = root / where(family.name)
-            if path.is_file():
-                panels[kind] = path
-            else:
-                reason = (
-                    reason_for[kind] or f"no {kind} grid (not written by evaluate@{family.name})"
-                )
-                panels[kind] = f"n/a: {reason}"
-        out[family.name] = panels
-    return out
-
-
-# ---------------------------------------------------------------- the markdown summary
-
-
-def _fmt(value: float, fmt: str, *, bound: bool = False) -> str | None:
-    if not math.isfinite(value):
+def worst_ood(row: Row, ood_sets: list[str]) -> tuple[str, Estimate] | None:
+    """The OOD set the row tells apart worst (lowest AUROC), with its estimate."""
+    found = {s: row.estimate(v.auroc(s)) for s in ood_sets}
+    found = {s: e for s, e in found.items() if math.isfinite(e.value)}
+    if not found:
         return None
-    return ("≤ " if bound else "") + fmt.format(value)
+    name = min(found, key=lambda s: found[s].value)
+    return name, found[name]
 
 
-def _na(reason: str) -> str:
-    return f"n/a: {reason}"
+def headline(row: Row, question: Question, ood_sets: list[str]) -> Estimate:
+    """The number a question ranks rows by."""
+    if question == "generation":
+        return row.estimate(v.FID)
+    if question == "likelihood":
+        key = row.likelihood_key()
+        return row.estimate(key) if key else Estimate(math.nan, math.nan, math.nan)
+    if question == "ood":
+        worst = worst_ood(row, ood_sets)
+        return worst[1] if worst else Estimate(math.nan, math.nan, math.nan)
+    if question == "classification":
+        return row.estimate(v.class_acc(row.split))
+    if question == "representation":
+        return row.estimate(v.probe_acc(row.split))
+    return row.estimate(v.COND_ACC)
 
 
-def headline_cells(family: FamilyReport, ood_sets: list[str]) -> dict[Question, str]:
-    """The family's row of the first table: a number where it answers, `n/a: <reason>` where not."""
-    m, reasons = family.metrics, family.reasons
-    not_measured = _na(f"not measured (re-run evaluate@{family.name})")
-    cells: dict[Question, str | None] = {}
-
-    fid = _fmt(_get(m, "eval/fid"), "{:.3f}")
-    kid = _fmt(_get(m, "eval/kid_mean"), "{:.4f}")
-    cells["generation"] = fid and (f"{fid} (KID {kid})" if kid else fid)
-
-    bound = family.likelihood == "lower_bound"
-    nats = _fmt(likelihood_nats(family), "{:.2f}", bound=bound)
-    cells["likelihood"] = nats and (f"{nats} (marginal)" if family.conditional else nats)
-
-    aurocs = {s: _get(m, f"ood/auroc_{s}") for s in ood_sets}
-    aurocs = {s: v for s, v in aurocs.items() if math.isfinite(v)}
-    if aurocs:
-        worst = min(aurocs, key=aurocs.__getitem__)
-        cells["ood"] = f"{mean_auroc(m, ood_sets):.3f} (worst: {worst} {aurocs[worst]:.3f})"
-    else:
-        cells["ood"] = None
-
-    cells["classification"] = _fmt(_get(m, "test/class_acc"), "{:.3f}")
-    cells["representation"] = _fmt(_get(m, "test/probe_acc"), "{:.3f}")
-
-    acc = _fmt(_get(m, "eval/cond_acc"), "{:.3f}")
-    class_fid = _fmt(_get(m, "eval/class_fid_mean"), "{:.2f}")
-    cells["conditional"] = acc and (f"{acc} (class FID {class_fid})" if class_fid else acc)
-
-    return {
-        q: _na(reasons[q]) if reasons[q] is not None else (cells[q] or not_measured)
-        for q in QUESTIONS
-    }
+# ---------------------------------------------------------------- ranking with ties
 
 
-def real_cells(real: dict[str, float], evaluator_accuracy: float) -> dict[Question, str]:
-    """The real-data row: the FID/KID floor, the evaluator's (discriminative) accuracy and the
-    raw-pixel probe; "—" where a question has no real-data counterpart."""
-    fid = _fmt(_get(real, "eval/fid"), "{:.3f}") or "—"
-    kid = _fmt(_get(real, "eval/kid_mean"), "{:.4f}")
-    acc = _fmt(evaluator_accuracy, "{:.3f}")
-    probe = _fmt(_get(real, "test/probe_acc"), "{:.3f}")
-    return {
-        "generation": f"{fid} (KID {kid})" if kid else fid,
-        "likelihood": "—",
-        "ood": "—",
-        "classification": f"{acc} (evaluator, discriminative)" if acc else "—",
-        "representation": f"{probe} (raw pixels)" if probe else "—",
-        "conditional": "—",
-    }
+@dataclass(frozen=True)
+class Ranking:
+    groups: list[list[str]]  # best first; the rows of a group are tied
+    values: dict[str, Estimate]
+    tied_with: dict[str, list[str]]  # every row whose interval overlaps this one's
+
+    def chain(self) -> str:
+        """ "a ≈ b > c": ≈ inside a group of ties, > between groups that are separated."""
+        return " > ".join(" ≈ ".join(group) for group in self.groups)
+
+    def place(self, name: str) -> int:
+        return next(i for i, group in enumerate(self.groups) if name in group) + 1
+
+
+def rank(values: dict[str, Estimate], better: Better) -> Ranking:
+    """Order rows by value; a group is the best remaining row and every remaining row whose
+    interval overlaps its interval (tied: the data cannot order them). Rows without a finite
+    value are left out; a value without an interval ties with nothing."""
+    finite = {k: e for k, e in values.items() if math.isfinite(e.value)}
+    sign = 1 if better == "lower" else -1
+    order = sorted(finite, key=lambda k: sign * finite[k].value)
+    groups, left = [], list(order)
+    while left:
+        leader = finite[left[0]]
+        group = [k for k in left if k == left[0] or finite[k].overlaps(leader)]
+        groups.append(group)
+        left = [k for k in left if k not in group]
+    tied = {k: [j for j in order if j != k and finite[k].overlaps(finite[j])] for k in order}
+    return Ranking(groups, finite, tied)
+
+
+# ---------------------------------------------------------------- copying, in words
+
+
+@dataclass(frozen=True)
+class Verdict:
+    copies: bool
+    words: str
+
+
+def copying(row: Row, yardstick: Row | None) -> Verdict:
+    """Whether the row's statistics say it copies its training images: more exact copies or
+    nearest-neighbour memorisation, less authenticity, or a lower data-copying statistic C_T
+    (Meehan et al. 2020) than real new images (`yardstick`: the held-out real row, else the
+    real test split), with intervals that do not overlap. Without a yardstick's C_T, a C_T
+    significantly below 0. (The yardstick matters: where the reference split's writers differ
+    from the training split's, as on the digits, real validation images already score C_T < 0
+    against the test split.)"""
+    findings = []
+    for key, what, worse in (
+        (v.EXACT_COPIES, "exact copies of training images", "higher"),
+        (v.NN_MEMORISED_PIXELS, "nearest-neighbour copies (pixels)", "higher"),
+        (v.NN_MEMORISED_FEATURES, "nearest-neighbour copies (features)", "higher"),
+        (v.AUTHENTICITY, "authentic samples", "lower"),
+    ):
+        mine = row.estimate(key)
+        if yardstick is None or not mine.has_interval:
+            continue
+        real = yardstick.estimate(key)
+        if not real.has_interval:
+            continue
+        beyond = mine.low > real.high if worse == "higher" else mine.high < real.low
+        if beyond:
+            findings.append(f"{mine.value:.0%} {what} (real new images: {real.value:.0%})")
+    c_t = row.estimate(v.C_T)
+    real_c_t = yardstick.estimate(v.C_T) if yardstick is not None else None
+    if real_c_t is not None and real_c_t.has_interval:
+        if c_t.has_interval and c_t.high < real_c_t.low:
+            findings.append(
+                f"C_T {c_t.value:.1f} (real new images: {real_c_t.value:.1f}): closer to the "
+                f"training images than new data are"
+            )
+    elif c_t.has_interval and c_t.high < 0:
+        findings.append(f"C_T {c_t.value:.1f} < 0: closer to the training images than new data")
+    if findings:
+        return Verdict(True, "**copies**: " + "; ".join(findings))
+    return Verdict(False, "no sign of copying")
+
+
+# ---------------------------------------------------------------- markdown
+
+
+def fmt(e: Estimate, digits: int = 3, *, bound: bool = False) -> str:
+    """ "1.234 [1.100, 1.400]"; "≤ " in front of an upper bound on an NLL."""
+    if not math.isfinite(e.value):
+        return "n/a"
+    head = ("≤ " if bound else "") + f"{e.value:.{digits}f}"
+    if not e.has_interval:
+        return head
+    return f"{head} [{e.low:.{digits}f}, {e.high:.{digits}f}]"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -276,397 +292,365 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
-@dataclass(frozen=True)
-class Column:
-    header: str
-    key: str
-    fmt: str
+DIGITS: dict[Question, int] = {
+    "generation": 3,
+    "likelihood": 2,
+    "ood": 3,
+    "classification": 3,
+    "representation": 3,
+    "conditional": 3,
+}
+
+
+def _cell(row: Row, question: Question, ood_sets: list[str], ranking: Ranking) -> str:
+    reason = row.reason(question)
+    if reason is not None:
+        return f"n/a: {reason}"
+    e = headline(row, question, ood_sets)
+    if not math.isfinite(e.value):
+        return f"n/a: not measured (re-run evaluate@{row.name})"
+    bound = question == "likelihood" and row.capabilities.likelihood == "lower_bound"
+    text = fmt(e, DIGITS[question], bound=bound)
+    if question == "ood":
+        worst = worst_ood(row, ood_sets)
+        text += f" ({worst[0]})"
+    if row.name in ranking.values:
+        place = ranking.place(row.name)
+        tied = ranking.tied_with[row.name]
+        text += f" — #{place}" + (f", tied with {', '.join(tied)}" if tied else "")
+    return text
+
+
+def _baseline_cell(row: Row | None, question: Question, ood_sets: list[str]) -> str:
+    if row is None:
+        return "—"
+    e = headline(row, question, ood_sets)
+    return fmt(e, DIGITS[question]) if math.isfinite(e.value) else "—"
+
+
+def rankings(families: list[Row], ood_sets: list[str]) -> dict[Question, Ranking]:
+    return {
+        q: rank(
+            {r.name: headline(r, q, ood_sets) for r in families if r.reason(q) is None},
+            DIRECTION[q],
+        )
+        for q in QUESTIONS
+    }
+
+
+def _reading(families: list[Row], baselines: dict[str, Row], ranking: Ranking) -> list[str]:
+    """How each family's FID reads against the copycat and the held-out real images."""
+    copycat, heldout = baselines.get(COPYCAT), baselines.get(HELDOUT)
+    lines = []
+    for row in families:
+        fid = row.estimate(v.FID)
+        if not math.isfinite(fid.value):
+            continue
+        said = []
+        if heldout is not None:
+            real = heldout.estimate(v.FID)
+            if fid.overlaps(real):
+                said.append("tied with held-out real images")
+            elif fid.value < real.value:
+                said.append("*below* held-out real images: closer to the data than new images are")
+            else:
+                said.append("above held-out real images")
+        if copycat is not None and fid.overlaps(copycat.estimate(v.FID)):
+            said.append("tied with the copycat: FID cannot tell it from a copy of the training set")
+        lines.append(f"- **{row.name}** (FID {fmt(fid)}): {'; '.join(said) or 'no baseline'}.")
+    return lines
 
 
 SAMPLE_COLUMNS = [
-    Column("FID ↓", "eval/fid", "{:.3f}"),
-    Column("KID ↓", "eval/kid_mean", "{:.4f}"),
-    Column("precision ↑", "eval/precision", "{:.3f}"),
-    Column("recall ↑", "eval/recall", "{:.3f}"),
-    Column("IS ↑", "eval/isc_mean", "{:.2f}"),
-    Column("cond. acc. ↑", "eval/cond_acc", "{:.3f}"),
-    Column("samples/s ↑", "eval/samples_per_s", "{:.0f}"),
-    Column("NFE/sample ↓", "eval/nfe_per_sample", "{:.0f}"),
+    ("FID ↓", v.FID, 3),
+    ("KID ↓", v.KID, 4),
+    ("precision ↑", v.PRECISION, 3),
+    ("recall ↑", v.RECALL, 3),
+    ("density ↑", v.DENSITY, 3),
+    ("coverage ↑", v.COVERAGE, 3),
+    ("IS ↑", v.ISC, 2),
+    ("cond. acc. ↑", v.COND_ACC, 3),
+]
+MEMO_COLUMNS = [
+    ("exact copies ↓", v.EXACT_COPIES, 3),
+    ("NN copies, pixels ↓", v.NN_MEMORISED_PIXELS, 3),
+    ("NN copies, features ↓", v.NN_MEMORISED_FEATURES, 3),
+    ("authenticity ↑", v.AUTHENTICITY, 3),
+    ("C_T (≈0; ≪0 copies)", v.C_T, 2),
 ]
 
 
-def _sample_quality(families: list[FamilyReport], real: dict[str, float]) -> list[str]:
-    rows = [
-        [f.name] + [_fmt(_get(f.metrics, c.key), c.fmt) or "n/a" for c in SAMPLE_COLUMNS]
-        for f in families
-    ]
-    rows.append([REAL] + [_fmt(_get(real, c.key), c.fmt) or "—" for c in SAMPLE_COLUMNS])
-    return _table(["family"] + [c.header for c in SAMPLE_COLUMNS], rows)
+def _metric_table(rows: list[Row], columns: list[tuple[str, str, int]]) -> list[str]:
+    body = [[r.name] + [fmt(r.estimate(key), digits) for _, key, digits in columns] for r in rows]
+    return _table(["row"] + [c[0] for c in columns], body)
 
 
-def _likelihood(families: list[FamilyReport], dims: int) -> list[str]:
+def _likelihood_table(families: list[Row], dims: int) -> list[str]:
     header = [
         "family",
         "likelihood",
-        "conditional",
         "−log p(x) nats ↓",
-        "−log p(x) bits/dim ↓",
-        "−log p(x \\| y) nats ↓",
-        "−log p(x \\| y) bits/dim ↓",
+        "bits/dim ↓",
+        "−log p(x | y) nats ↓",
+        "held-out − train gap, nats",
     ]
-    rows = []
-    for f in families:
-        reason = f.reasons["likelihood"]
+    body = []
+    for r in families:
+        reason = r.reason("likelihood")
         if reason is not None:
-            rows.append([f.name, f.likelihood, _yes(f.conditional), *_na_row(reason, 4)])
+            body.append([r.name, r.capabilities.likelihood, f"n/a: {reason}", "", "", ""])
             continue
-        bound = f.likelihood == "lower_bound"
-        marginal = likelihood_nats(f)
-        nats = [
-            _fmt(marginal, "{:.2f}", bound=bound),
-            _fmt(bits_per_dim(marginal, dims), "{:.3f}", bound=bound),
-        ]
-        if f.conditional:
-            given = _get(f.metrics, nll_key("test", f.likelihood))
-            bpd = _get(f.metrics, bpd_key("test", f.likelihood))
-            nats += [_fmt(given, "{:.2f}", bound=bound), _fmt(bpd, "{:.3f}", bound=bound)]
-        else:
-            nats += ["n/a: unconditional"] * 2
-        rows.append([f.name, f.likelihood, _yes(f.conditional)] + [n or "n/a" for n in nats])
-    return _table(header, rows)
-
-
-def _na_row(reason: str, cells: int) -> list[str]:
-    """A detailed table's row for a family that cannot answer: the reason once, then blanks."""
-    return [_na(reason)] + [""] * (cells - 1)
-
-
-def _yes(flag: bool) -> str:
-    return "yes" if flag else "no"
-
-
-def _ood(
-    families: list[FamilyReport], ood_sets: list[str], statistic: str, fpr: float
-) -> list[str]:
-    header = ["family", "score", *ood_sets, "mean", "test FPR"]
-    rows = []
-    for f in families:
-        m, reason = f.metrics, f.reasons["ood"]
-        if reason is not None or not any(k.startswith("ood/") for k in m):
-            reason = reason or f"not measured (re-run evaluate@{f.name})"
-            rows.append([f.name, "—", *_na_row(reason, len(ood_sets) + 2)])
-            continue
-        score = "likelihood" if f.likelihood != "none" else "−energy"
-        for label, infix, typical in (
-            (f"AUROC, {score}", "auroc_", False),
-            ("AUROC, typicality", "auroc_typicality_", True),
-        ):
-            values = [_fmt(_get(m, f"ood/{infix}{s}"), "{:.3f}") or "n/a" for s in ood_sets]
-            mean = _fmt(mean_auroc(m, ood_sets, typicality=typical), "{:.3f}") or "n/a"
-            rows.append([f.name, label, *values, mean, ""])
-        detected = [_fmt(_get(m, f"ood/detected_{s}"), "{:.3f}") or "n/a" for s in ood_sets]
-        test_fpr = _fmt(_get(m, "ood/test_fpr"), "{:.3f}") or "n/a"
-        by = score if statistic == "likelihood" else statistic
-        rows.append([f.name, f"detected ({by})", *detected, "", test_fpr])
-    lines = _table(header, rows)
-    note = (
-        f"Detected: the fraction of each set the threshold flags, with the threshold on the "
-        f"{statistic} statistic set so that {fpr:.0%} of the validation split is flagged; test "
-        f"FPR is the fraction of the test split it flags."
-    )
-    return [*lines, "", note]
-
-
-def _class_fid(families: list[FamilyReport]) -> list[str]:
-    per_family = {f.name: class_fids(f) for f in families}
-    classes = sorted({k for fids in per_family.values() for k in fids})
-    header = ["family"] + [f"class {k}" for k in classes] + ["mean"]
-    rows = []
-    for f in families:
-        reason = f.reasons["conditional"]
-        if reason is not None:
-            rows.append([f.name, *_na_row(reason, len(classes) + 1)])
-            continue
-        fids = per_family[f.name]
-        rows.append(
-            [f.name]
-            + [_fmt(fids.get(k, math.nan), "{:.2f}") or "n/a" for k in classes]
-            + [_fmt(_get(f.metrics, "eval/class_fid_mean"), "{:.2f}") or "n/a"]
+        c = r.capabilities
+        bound = c.likelihood == "lower_bound"
+        key = r.likelihood_key()
+        nats = r.estimate(key)
+        bpd = Estimate(*(x / (dims * math.log(2)) for x in nats))
+        given = (
+            fmt(r.estimate(v.nll_key(r.split, c.likelihood)), 2, bound=bound)
+            if c.conditional
+            else "n/a: unconditional"
         )
-    return _table(header, rows)
+        kind = c.likelihood + (" (marginal: estimate)" if "estimate" in key else "")
+        body.append(
+            [
+                r.name,
+                kind,
+                fmt(nats, 2, bound=bound),
+                fmt(bpd, 3, bound=bound),
+                given,
+                fmt(r.estimate(v.NLL_GAP), 2),
+            ]
+        )
+    return _table(header, body)
+
+
+def _ood_table(families: list[Row], ood_sets: list[str]) -> list[str]:
+    body = []
+    for r in families:
+        reason = r.reason("ood")
+        if reason is not None:
+            body.append([r.name, "—", f"n/a: {reason}"] + [""] * (len(ood_sets) - 1))
+            continue
+        score = "likelihood" if r.capabilities.likelihood != "none" else "−energy"
+        for label, typical in ((score, False), ("typicality", True)):
+            cells = [fmt(r.estimate(v.auroc(s, typicality=typical)), 3) for s in ood_sets]
+            body.append([r.name, f"AUROC, {label}", *cells])
+        cells = [fmt(r.estimate(v.detected(s)), 3) for s in ood_sets]
+        body.append([r.name, "detected", *cells])
+    return _table(["family", "statistic", *ood_sets], body)
+
+
+def _class_fid_table(families: list[Row]) -> list[str]:
+    conditional = [r for r in families if r.reason("conditional") is None]
+    classes = sorted(
+        {
+            k
+            for r in conditional
+            for m in r.runs.values()
+            for key in m
+            if (k := v.class_fid_index(key)) is not None
+        }
+    )
+    if not conditional or not classes:
+        return ["No conditional family."]
+    body = [
+        [r.name]
+        + [fmt(r.estimate(v.class_fid(k)), 2) for k in classes]
+        + [fmt(r.estimate(v.CLASS_FID_MEAN), 2)]
+        for r in conditional
+    ]
+    return _table(["family", *[f"class {k}" for k in classes], "mean"], body)
+
+
+def _seeds_table(families: list[Row]) -> list[str]:
+    seeds = sorted({s for r in families for s in r.runs})
+    body = []
+    for r in families:
+        for q, key in (("generation", v.FID), ("likelihood", r.likelihood_key())):
+            if key is None or r.reason(q) is not None:
+                continue
+            per = r.seed_estimates(key)
+            cells = [fmt(per[s], 3) if s in per else "—" for s in seeds]
+            mean, sd = r.estimate(key), r.seed_sd(key)
+            body.append([r.name, key, *cells, f"{mean.value:.3f} ± {sd:.3f}"])
+    return _table(["family", "metric", *[f"seed {s}" for s in seeds], "mean ± sd"], body)
 
 
 def summary_markdown(
-    families: list[FamilyReport],
-    real: dict[str, float],
+    families: list[Row],
+    baselines: dict[str, Row],
     *,
-    evaluator_accuracy: float,
     dataset: str,
     dims: int,
     ood_sets: list[str],
-    statistic: str,
-    fpr: float,
+    figures: list[str],
     grids: dict[str, dict[GridKind, Path | str]],
-    extractor: str = "genlab-evaluator",
+    grid_seed: int,
+    extractor: str,
+    protocol_id: str,
 ) -> str:
-    """reports/summary.md: the headline table, the detailed tables, the figures and the grids
-    (figure and grid links are relative to reports/)."""
-    headline = [[f.name, *list(headline_cells(f, ood_sets).values())] for f in families]
-    headline.append([REAL, *list(real_cells(real, evaluator_accuracy).values())])
+    """reports/summary.md: the headline table with ranks, ties and copying verdicts, how to read
+    it, one ranking per question, the detailed tables, the figures and the grids (links are
+    relative to reports/)."""
+    split = families[0].split if families else "test"
+    confidence = families[0].confidence if families else 0.95
+    ranked = rankings(families, ood_sets)
+    yardstick = baselines.get(HELDOUT) or baselines.get(REAL)
+    headline_rows = [
+        [
+            r.name,
+            *[_cell(r, q, ood_sets, ranked[q]) for q in QUESTIONS],
+            copying(r, yardstick).words,
+        ]
+        for r in families
+    ]
+    for name in (COPYCAT, HELDOUT, REAL):
+        row = baselines.get(name)
+        if row is None:
+            continue
+        cells = [_baseline_cell(row, q, ood_sets) for q in QUESTIONS]
+        verdict = "—" if row is yardstick or name == REAL else copying(row, yardstick).words
+        headline_rows.append([f"*{name}*", *cells, verdict])
+    seeds = sorted({s for r in families for s in r.runs})
     lines = [
         f"# genlab comparison — {dataset}",
         "",
-        "What each family answers: generating new images, the likelihood of held-out images, "
-        "telling data from out-of-distribution images, classifying by Bayes' rule "
-        "(argmax_y log p(x | y) + log p(y)), features for a linear probe, and generating a "
-        "chosen class. `n/a` says why a family cannot answer; the last row is the reference "
-        "(real train vs test images, the evaluator classifier, a probe on raw pixels).",
+        f"Every number carries its {confidence:.0%} interval in brackets (sample metrics: "
+        f"several sample sets and a bootstrap of the reference images; likelihoods: the "
+        f"standard error over images; rates: Wilson; AUROC: DeLong). `#k` is a family's place "
+        f"for the question; families whose intervals overlap are **tied**, and tied families "
+        f"are not ordered. Held-out numbers are on the `{split}` split. "
+        + (
+            f"Training seeds {', '.join(map(str, seeds))}: a family's number is the mean over "
+            f"seeds with the interval of that mean."
+            if len(seeds) > 1
+            else "One training seed: the intervals say nothing about training noise."
+        ),
         "",
-        *_table(["family", *list(QUESTIONS.values())], headline),
+        *_table(["family", *QUESTIONS.values(), "memorisation"], headline_rows),
+        "",
+        "Baseline rows (in italics), measured under the same protocol:",
+        "",
+        *[f"- *{name}*: {note}." for name, note in BASELINE_NOTES.items() if name in baselines],
+        "",
+        "A family tied with *held-out real* on FID generates as well as the metric can see; a "
+        "family tied with the *copycat* cannot be told from a copy of the training set by FID "
+        "alone: read its memorisation column. A family is flagged as copying when its "
+        "memorisation statistics are significantly worse than real new images' (intervals "
+        "apart) or its C_T is significantly below 0.",
+        "",
+        "## Rankings",
+        "",
+        *[
+            f"- **{title}**: {ranked[q].chain() or 'no family answers'}"
+            for q, title in QUESTIONS.items()
+        ],
+        "",
+        "≈: tied (intervals overlap); >: separated. Overlap is not transitive: a ≈ b and b ≈ c "
+        "can hold while a > c; each family's cell above lists everything it ties with.",
+        "",
+        "### Generation against the baselines",
+        "",
+        *_reading(families, baselines, ranked["generation"]),
         "",
         "## Sample quality",
         "",
-        f"Sample metrics use the features of `{extractor}` (the protocol in "
-        "`reports/real_data.json`), against the test split.",
+        f"Feature space `{extractor}`, reference split `{split}`, protocol `{protocol_id}` "
+        f"(`metrics/baselines.json`).",
         "",
-        *_sample_quality(families, real),
+        *_metric_table(
+            families + [baselines[n] for n in (COPYCAT, HELDOUT) if n in baselines], SAMPLE_COLUMNS
+        ),
+        "",
+        "## Memorisation",
+        "",
+        "Against the training split: exact copies; nearest-neighbour copies, d(NN1)/d(NN2) < 1/3 "
+        "in pixels and in the evaluator's features; authenticity (Alaa et al. 2022, the share "
+        "of samples farther from their nearest training image than that image is from its own "
+        "neighbour); the data-copying statistic C_T (Meehan et al. 2020: about 0 for new data, "
+        "strongly negative for copies, positive when samples are farther from the training "
+        "images than new data).",
+        "",
+        *_metric_table(
+            families + [baselines[n] for n in (COPYCAT, HELDOUT, REAL) if n in baselines],
+            MEMO_COLUMNS,
+        ),
         "",
         "## Likelihood",
         "",
-        "Nats per image of the discrete test data (lower is better); `≤` marks an upper bound on "
-        "the NLL (the family reports a lower bound on log p(x)). For a conditional family "
-        "−log p(x) is the marginal −log Σ_y p(x | y) p(y), the number comparable with "
-        "unconditional families.",
+        "Nats per image of the discrete held-out data; `≤` marks an upper bound on the NLL. For "
+        "a conditional family −log p(x) is the marginal −log Σ_y p(x | y) p(y), comparable with "
+        "unconditional families; where the bound's Monte Carlo draws are terms of one bound "
+        "(diffusion) that marginal is an *estimate* (biased low), not a bound. The gap is "
+        "held-out NLL minus the NLL of as many training images (> 0: the model prefers its "
+        "training images).",
         "",
-        *_likelihood(families, dims),
+        *_likelihood_table(families, dims),
         "",
         "## Out-of-distribution detection",
         "",
-        "AUROC of telling the test split from each set (1: perfect, 0.5: chance, below 0.5: the "
-        "set looks *more* typical than the data), by the likelihood (or −energy) and by its "
-        "typicality, −|log p(x) − mean log p(x) on validation| (Nalisnick et al. 2019).",
+        "AUROC of telling the held-out split from each set (1: perfect, 0.5: chance, below 0.5: "
+        "the set looks *more* typical than the data), by the likelihood (or −energy) and by its "
+        "typicality; *detected*: the share of each set the threshold calibrated on validation "
+        "flags.",
         "",
-        *_ood(families, ood_sets, statistic, fpr),
+        *_ood_table(families, ood_sets),
         "",
         "## Per-class FID",
         "",
-        *_class_fid(families),
+        *_class_fid_table(families),
+        "",
+        "## Training seeds",
+        "",
+        *_seeds_table(families),
         "",
         "## Figures",
         "",
-        *[f"![{name}](figures/{name}.png)" for name in FIGURES],
+        *[f"![{name}](figures/{name}.png)" for name in figures],
         "",
         "## Grids",
         "",
-        *_grid_table(grids),
+        f"Training seed {grid_seed}.",
+        "",
+        *_grid_table(grids, grid_seed),
     ]
     return "\n".join(lines) + "\n"
 
 
-def _grid_table(grids: dict[str, dict[GridKind, Path | str]]) -> list[str]:
+def grid_panels(
+    families: list[Row], seed: int, *, root: Path = Path(".")
+) -> dict[str, dict[GridKind, Path | str]]:
+    """Per family and grid kind (of training seed `seed`), the grid's file when the evaluate
+    stage wrote it, else the reason it is absent."""
+    out: dict[str, dict[GridKind, Path | str]] = {}
+    for row in families:
+        reason_for: dict[GridKind, str | None] = {
+            "samples": None,
+            "classes": row.reason("conditional"),
+            "interpolation": row.reason("representation"),
+            "traversal": row.reason("representation"),
+        }
+        panels: dict[GridKind, Path | str] = {}
+        for kind, where in GRID_FILES.items():
+            path = root / where(row.name, seed)
+            if path.is_file():
+                panels[kind] = path
+            else:
+                why = reason_for[kind] or f"no {kind} grid (not written by evaluate@{row.name})"
+                panels[kind] = f"n/a: {why}"
+        out[row.name] = panels
+    return out
+
+
+def _grid_table(grids: dict[str, dict[GridKind, Path | str]], seed: int) -> list[str]:
     rows = []
     for family, panels in grids.items():
         cells = []
         for kind, panel in panels.items():
             if isinstance(panel, Path):
-                link = GRID_FILES[kind](family).relative_to(paths.REPORTS).as_posix()
+                link = GRID_FILES[kind](family, seed).relative_to(paths.REPORTS).as_posix()
                 cells.append(f"![{family} {kind}]({link})")
             else:
                 cells.append(panel)
         rows.append([family, *cells])
     return _table(["family", *GRID_FILES], rows)
-
-
-# ---------------------------------------------------------------- figures
-
-
-def _save(fig: Figure, path: Path) -> Path:
-    """Write atomically: a PNG is either complete or absent."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.tight_layout()
-    fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    tmp.replace(path)
-    return path
-
-
-def _bars(
-    ax: Axes,
-    families: list[FamilyReport],
-    values: list[float],
-    reasons: list[str | None],
-    *,
-    color: str,
-    hatched: list[bool] | None = None,
-) -> None:
-    """One bar per family; where a family has no value, its n/a reason written in the slot."""
-    names = [f.name for f in families]
-    heights = [v if math.isfinite(v) else 0.0 for v in values]
-    bars = ax.bar(names, heights, color=color)
-    for i, (bar, value) in enumerate(zip(bars, values, strict=True)):
-        if hatched is not None and hatched[i]:
-            bar.set_hatch("//")
-        if not math.isfinite(value):
-            text = _na(reasons[i]) if reasons[i] else "n/a: not measured"
-            ax.text(i, 0, " " + text, rotation=90, ha="center", va="bottom", fontsize=7)
-    ax.tick_params(axis="x", labelrotation=30)
-
-
-def generation_figure(families: list[FamilyReport], real: dict[str, float], path: Path) -> Path:
-    """FID per family with the real-data floor, and precision against recall."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    ax = axes[0]
-    fids = [_get(f.metrics, "eval/fid") for f in families]
-    _bars(ax, families, fids, [None] * len(families), color="tab:blue")
-    ax.axhline(_get(real, "eval/fid"), color="k", ls="--", label="real data")
-    ax.set_title("FID ↓")
-    ax.legend()
-    ax = axes[1]
-    for f in families:
-        ax.scatter(_get(f.metrics, "eval/recall"), _get(f.metrics, "eval/precision"), label=f.name)
-    ax.scatter(
-        _get(real, "eval/recall"),
-        _get(real, "eval/precision"),
-        marker="*",
-        s=150,
-        c="k",
-        label="real",
-    )
-    ax.set(xlim=(0, 1.05), ylim=(0, 1.05), xlabel="recall", ylabel="precision")
-    ax.set_title("precision / recall ↑")
-    ax.legend(fontsize=8)
-    return _save(fig, path)
-
-
-def likelihood_figure(families: list[FamilyReport], path: Path) -> Path:
-    """Test nats/image of -log p(x) (the marginal for conditional families); hatched: bounds."""
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    values = [likelihood_nats(f) for f in families]
-    _bars(
-        ax,
-        families,
-        values,
-        [f.reasons["likelihood"] for f in families],
-        color="tab:green",
-        hatched=[f.likelihood == "lower_bound" for f in families],
-    )
-    ax.set_title("test nats/image of −log p(x) ↓ (hatched: bound)")
-    return _save(fig, path)
-
-
-def prediction_figure(
-    families: list[FamilyReport], evaluator_accuracy: float, ood_sets: list[str], path: Path
-) -> Path:
-    """AUROC per OOD set and family for both statistics; generative classification accuracy
-    against the evaluator's (discriminative) accuracy."""
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4), gridspec_kw={"width_ratios": [2, 2, 1.3]})
-    scoring = [f for f in families if f.reasons["ood"] is None]
-    width = 0.8 / max(len(scoring), 1)
-    x = np.arange(len(ood_sets))
-    for ax, infix, title in (
-        (axes[0], "auroc_", "OOD AUROC, likelihood ↑"),
-        (axes[1], "auroc_typicality_", "OOD AUROC, typicality ↑"),
-    ):
-        for i, f in enumerate(scoring):
-            values = [_get(f.metrics, f"ood/{infix}{s}") for s in ood_sets]
-            ax.bar(x + (i - (len(scoring) - 1) / 2) * width, values, width, label=f.name)
-        ax.axhline(0.5, color="grey", ls=":", lw=1)
-        ax.set_xticks(x, ood_sets)
-        ax.set(ylim=(0, 1.2), yticks=np.linspace(0, 1, 6), title=title)
-        if not scoring:
-            ax.text(0.5, 0.5, "no family scores images", ha="center", transform=ax.transAxes)
-    if scoring:
-        axes[0].legend(fontsize=8, loc="upper center", ncols=min(len(scoring), 6))
-    ax = axes[2]
-    accs = [_get(f.metrics, "test/class_acc") for f in families]
-    _bars(ax, families, accs, [f.reasons["classification"] for f in families], color="tab:purple")
-    if math.isfinite(evaluator_accuracy):
-        ax.axhline(evaluator_accuracy, color="k", ls="--", label="evaluator (discriminative)")
-        ax.legend(fontsize=8, loc="upper center")
-    ax.set(ylim=(0, 1.2), yticks=np.linspace(0, 1, 6), title="classification accuracy ↑")
-    return _save(fig, path)
-
-
-def representation_figure(families: list[FamilyReport], real: dict[str, float], path: Path) -> Path:
-    """Linear-probe test accuracy on each family's latent against the probe on raw pixels."""
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    values = [_get(f.metrics, "test/probe_acc") for f in families]
-    _bars(ax, families, values, [f.reasons["representation"] for f in families], color="tab:orange")
-    pixels = _get(real, "test/probe_acc")
-    if math.isfinite(pixels):
-        ax.axhline(pixels, color="k", ls="--", label="raw pixels")
-        ax.legend(fontsize=8, loc="upper center")
-    ax.set(ylim=(0, 1.2), yticks=np.linspace(0, 1, 6), title="linear-probe accuracy ↑")
-    return _save(fig, path)
-
-
-def conditional_figure(families: list[FamilyReport], path: Path) -> Path:
-    """Conditional accuracy per family and per-class FID as a heatmap, families x classes."""
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4), gridspec_kw={"width_ratios": [1, 1.6]})
-    ax = axes[0]
-    values = [_get(f.metrics, "eval/cond_acc") for f in families]
-    _bars(ax, families, values, [f.reasons["conditional"] for f in families], color="tab:red")
-    ax.set(ylim=(0, 1.05), title="conditional accuracy (evaluator on samples) ↑")
-    ax = axes[1]
-    conditional = [f for f in families if f.reasons["conditional"] is None]
-    per_family = [class_fids(f) for f in conditional]
-    classes = sorted({k for fids in per_family for k in fids})
-    if conditional and classes:
-        table = np.array([[fids.get(k, math.nan) for k in classes] for fids in per_family])
-        image = ax.imshow(table, aspect="auto", cmap="viridis")
-        ax.set_xticks(range(len(classes)), [str(k) for k in classes])
-        ax.set_yticks(range(len(conditional)), [f.name for f in conditional])
-        ax.set_xlabel("class")
-        fig.colorbar(image, ax=ax, label="FID")
-    else:
-        ax.text(0.5, 0.5, "no per-class FID", ha="center", transform=ax.transAxes)
-        ax.set_axis_off()
-    ax.set_title("per-class FID ↓")
-    return _save(fig, path)
-
-
-def grids_figure(grids: dict[str, dict[GridKind, Path | str]], path: Path) -> Path:
-    """The families' grids side by side: a row per family, a column per grid kind; a missing grid
-    is an empty panel with its reason."""
-    kinds = list(GRID_FILES)
-    fig, axes = plt.subplots(
-        len(grids), len(kinds), figsize=(3.2 * len(kinds), 3.2 * len(grids)), squeeze=False
-    )
-    for row, (family, panels) in enumerate(grids.items()):
-        for col, kind in enumerate(kinds):
-            ax = axes[row, col]
-            panel = panels[kind]
-            if isinstance(panel, Path):
-                with Image.open(panel) as im:
-                    ax.imshow(np.asarray(im.convert("RGB")))
-            else:
-                text = panel.replace(" (", "\n(")
-                ax.text(0.5, 0.5, text, ha="center", va="center", wrap=True, fontsize=8)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if row == 0:
-                ax.set_title(kind)
-            if col == 0:
-                ax.set_ylabel(family, fontsize=12)
-    return _save(fig, path)
-
-
-def write_figures(
-    families: list[FamilyReport],
-    real: dict[str, float],
-    *,
-    evaluator_accuracy: float,
-    ood_sets: list[str],
-    grids: dict[str, dict[GridKind, Path | str]],
-    out_dir: Path,
-) -> list[Path]:
-    """Every figure of the report into `out_dir`, one per question plus the grids."""
-    return [
-        generation_figure(families, real, out_dir / "generation.png"),
-        likelihood_figure(families, out_dir / "likelihood.png"),
-        prediction_figure(families, evaluator_accuracy, ood_sets, out_dir / "prediction.png"),
-        representation_figure(families, real, out_dir / "representation.png"),
-        conditional_figure(families, out_dir / "conditional.png"),
-        grids_figure(grids, out_dir / "grids.png"),
-    ]

@@ -30,7 +30,9 @@ from sklearn.preprocessing import StandardScaler
 
 from genlab.config import RepresentationParams
 from genlab.data.datasets import Split
+from genlab.evaluation import vocabulary as v
 from genlab.evaluation.grids import image_grid
+from genlab.evaluation.intervals import wilson
 from genlab.models.base import GenerativeModule
 
 # Iterations of the probe's L-BFGS; standardised features of a few hundred dims converge well
@@ -43,7 +45,7 @@ TRAVERSAL_RANGE = 2.5
 
 
 class Representation(NamedTuple):
-    metrics: dict[str, float]  # {"test/probe_acc": ...}
+    metrics: dict[str, float]  # {"<split>/probe_acc": ..., and its interval}
     interpolation: np.ndarray  # (H', W', 3) uint8 grid, a row per pair
     traversal: np.ndarray | None  # (H', W', 3) uint8 grid, a row per latent unit; None: no
     # compressed latent (the latent is as large as the image)
@@ -286,9 +288,12 @@ def represent(
     *,
     levels: int,
     batch_size: int,
+    split: str = "test",
+    confidence: float = 0.95,
 ) -> Representation:
-    """Linear-probe accuracy of the frozen latents (fit on train, scored on test) and the
-    interpolation and traversal grids of the test split; each split is encoded once."""
+    """Linear-probe accuracy of the frozen latents (fit on train, scored on the held-out split
+    `test`, named `split`, with its Wilson interval) and the interpolation and traversal grids
+    of the held-out split; each split is encoded once."""
     train_z = latents(model, train.x, train.y, batch_size=batch_size)  # (N_train, D)
     test_z = _encode(model, test.x, test.y, batch_size=batch_size)  # (N_test, ...)
     acc = linear_probe(train_z, train.y, test_z.flatten(1).float(), test.y, c=params.probe_c)
@@ -312,4 +317,13 @@ def represent(
         levels=levels,
         batch_size=batch_size,
     )
-    return Representation({"test/probe_acc": acc}, interpolation, traversal)
+    return Representation(
+        probe_metrics(acc, len(test), split, confidence), interpolation, traversal
+    )
+
+
+def probe_metrics(accuracy: float, n: int, split: str, confidence: float) -> dict[str, float]:
+    """A probe's accuracy on n held-out images as metrics, with its Wilson interval."""
+    key = v.probe_acc(split)
+    result = wilson(round(accuracy * n), n, confidence=confidence)
+    return {key: result.value, v.ci_low(key): result.low, v.ci_high(key): result.high}

@@ -6,7 +6,10 @@ A family is a `GenerativeModule` subclass in its own file that provides:
 - ``log_prob(x, y=None, *, samples=1) -> (n,)`` nats per image of the *discrete* data, when
   ``likelihood`` is ``"exact"`` or ``"lower_bound"``. A bound that uses Monte Carlo draws takes
   ``samples`` of them, importance-weighted (IWAE-k for the VAE, importance-weighted dequantization
-  for a flow): the bound tightens as ``samples`` grows. Exact families ignore it. Validation during
+  for a flow): the bound tightens as ``samples`` grows. A family whose draws are instead terms of
+  one fixed bound (diffusion's timesteps) says so with ``monte_carlo = "terms"``: more draws only
+  shrink the variance, and evaluation names what follows from it (no looser "k1" bound, the
+  conditional marginal an estimate rather than a bound). Exact families ignore it. Validation during
   training uses ``samples=1``; held-out evaluation uses ``eval_samples`` (an hparam, default 1);
 - ``encode(x, y=None) -> latent (B, ...)`` and its inverse ``decode(z, y=None) -> uint8 images``
   when ``has_latent``;
@@ -24,26 +27,14 @@ noise drawn from an explicit generator on any device.
 from __future__ import annotations
 
 import math
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import lightning as L
 import torch
 from torch.optim.swa_utils import AveragedModel
 from torchmetrics import MeanMetric, Metric
 
-Likelihood = Literal["exact", "lower_bound", "none"]
-
-
-def nll_key(split: str, likelihood: Likelihood, *, marginal: bool = False) -> str:
-    """Metric name of held-out negative log-likelihood; a bound says so in its name, and
-    `marginal` marks -log sum_y p(x | y) p(y) of a conditional family."""
-    name = "marginal_nll" if marginal else "nll"
-    return f"{split}/{name}_nats" if likelihood == "exact" else f"{split}/{name}_bound_nats"
-
-
-def bpd_key(split: str, likelihood: Likelihood, *, marginal: bool = False) -> str:
-    name = "marginal_bpd" if marginal else "bpd"
-    return f"{split}/{name}" if likelihood == "exact" else f"{split}/{name}_bound"
+from genlab.evaluation.vocabulary import Likelihood, MonteCarlo, bpd_key, nll_key
 
 
 def bits_per_dim(nats_per_image: torch.Tensor | float, dims: int) -> torch.Tensor | float:
@@ -53,6 +44,7 @@ def bits_per_dim(nats_per_image: torch.Tensor | float, dims: int) -> torch.Tenso
 
 class GenerativeModule(L.LightningModule):
     likelihood: ClassVar[Likelihood] = "none"
+    monte_carlo: ClassVar[MonteCarlo] = "importance"  # what `samples` are, for a bound
     has_latent: ClassVar[bool] = False
     has_energy: ClassVar[bool] = False
     # Whether a training step leaves some parameters without a gradient in a backward pass (a

@@ -250,6 +250,7 @@ class Diffusion(GenerativeModule):
     """
 
     likelihood = "lower_bound"
+    monte_carlo = "terms"  # `samples` are timesteps of one bound, not importance draws
     has_latent = True
     training_defaults: ClassVar[dict[str, int]] = {"max_epochs": 60, "batch_size": 64}
 

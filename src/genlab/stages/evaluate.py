@@ -1,8 +1,10 @@
-"""Stage `evaluate@<family>`: metrics/<family>.json, a sample grid, both into the family's run.
+"""Stage `evaluate@<family>-<seed>`: metrics/<family>/seed<k>.json and the grids, both into the
+training run of that family and seed.
 
-The metrics file holds the metrics and, under "protocol", what the sample metrics were measured
-under (`fidelity.Protocol`: strings and integers, which `dvc metrics show/diff` list beside the
-numbers); the run gets the same as `eval.protocol.<key>` tags.
+The metrics file holds the metrics (each with its interval or standard error) and, under
+"protocol", what they were measured under (`protocol.Protocol`: strings and numbers, which
+`dvc metrics show/diff` list beside the metrics); the run gets the same as `eval.protocol.<key>`
+tags.
 """
 
 import shutil
@@ -16,6 +18,7 @@ from genlab.config import Params
 from genlab.distributed import launch
 from genlab.evaluation.evaluate import evaluate_model
 from genlab.evaluation.grids import save_png
+from genlab.evaluation.vocabulary import is_uncertainty
 from genlab.io import write_json_atomic
 from genlab.models import MODELS
 from genlab.tracking import RunRecord, flatten, log_evaluation
@@ -35,8 +38,8 @@ def write_grids(grids: dict[str, np.ndarray], folder: Path) -> list[Path]:
     return [folder / f"{name}.png" for name in grids]
 
 
-def main(params: Params, family: str) -> None:
-    model_dir = paths.family_model_dir(family)
+def main(params: Params, family: str, seed: int) -> None:
+    model_dir = paths.family_model_dir(family, seed)
     record = RunRecord.load(model_dir / RUN_FILE)
     shard, device = launch(params.trainer)  # processes as trainer.devices/num_nodes ask
     checkpoint = model_dir / MODEL_FILE
@@ -56,10 +59,9 @@ def main(params: Params, family: str) -> None:
     )
     if result is None:  # a rank that only sampled: rank 0 writes and logs
         return
-    figures = write_grids(result.grids, paths.family_figures(family))
-    write_json_atomic(
-        paths.family_metrics(family), result.metrics | {"protocol": result.protocol.as_dict()}
-    )
+    figures = write_grids(result.grids, paths.family_figures(family, seed))
+    metrics_file = paths.family_metrics(family, seed)
+    write_json_atomic(metrics_file, result.metrics | {"protocol": result.protocol.as_dict()})
     protocol = {
         "evaluate": params.evaluate.model_dump(),
         "prediction": params.prediction.model_dump(),
@@ -71,7 +73,7 @@ def main(params: Params, family: str) -> None:
         result.metrics,
         step=step,
         protocol=flatten(protocol),
-        artifacts=[*figures, paths.family_metrics(family)],
+        artifacts=[*figures, metrics_file],
     )
-    shown = {k: round(v, 4) for k, v in result.metrics.items()}
-    print(f"evaluated {family}: {shown}")
+    shown = {k: round(v, 4) for k, v in result.metrics.items() if not is_uncertainty(k)}
+    print(f"evaluated {family} (seed {seed}): {shown}")

@@ -1,7 +1,11 @@
-"""Stage `evaluator`: the classifier whose features define this dataset's sample metrics."""
+"""Stage `evaluator`: the classifier whose features define this dataset's sample metrics.
+
+It is chosen on the validation split and never reads the test split (its test accuracy is
+measured by the `baselines` stage, part of the final evaluation)."""
 
 from genlab import paths
 from genlab.config import Params
+from genlab.evaluation import vocabulary as v
 from genlab.evaluation.evaluator import train_evaluator
 from genlab.io import write_json_atomic
 
@@ -12,10 +16,7 @@ def main(params: Params) -> None:
         paths.EVALUATOR,
         params=params.evaluator,
         trainer=params.trainer,
-        seed=params.seed,
+        seed=params.evaluator.seed,
     )
-    write_json_atomic(
-        paths.EVALUATOR_METRICS,
-        {"val/accuracy": result.val_accuracy, "test/accuracy": result.test_accuracy},
-    )
-    print(f"evaluator: test accuracy {result.test_accuracy:.4f} (val {result.val_accuracy:.4f})")
+    write_json_atomic(paths.EVALUATOR_METRICS, {v.evaluator_acc("val"): result.val_accuracy})
+    print(f"evaluator: validation accuracy {result.val_accuracy:.4f}")

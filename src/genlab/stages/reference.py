@@ -1,13 +1,13 @@
 """Stage `reference`: the real data's features under the evaluation protocol, data/reference/.
 
-Computed once per protocol and cached by DVC: every evaluate@<family> stage and the report's
-real-data floor read them instead of extracting them again.
+Computed once per protocol and cached by DVC: every evaluate@<family>-<seed> stage and the
+baselines stage read them instead of extracting them again.
 """
 
 from genlab import paths
 from genlab.config import Params
 from genlab.data.prepared import read_meta
-from genlab.evaluation.fidelity import compute_reference, measurement, save_reference
+from genlab.evaluation.protocol import compute_reference, measurement, save_reference
 
 
 def main(params: Params) -> None:
@@ -21,7 +21,8 @@ def main(params: Params) -> None:
         device=params.trainer.eval_device,
     )
     path = save_reference(reference, paths.REFERENCE, protocol)
+    heldout = "" if reference.heldout is None else f", {len(reference.heldout)} held-out"
     print(
-        f"reference: {extractor.name} features of {len(reference.test)} {protocol.reference_split} "
-        f"and {len(reference.floor)} {protocol.floor_split} images -> {path}"
+        f"reference: {extractor.name} features of {len(reference.reference)} "
+        f"{protocol.reference_split}, {len(reference.train)} train{heldout} images -> {path}"
     )

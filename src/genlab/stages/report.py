@@ -1,79 +1,111 @@
-"""Stage `report`: reports/summary.md, reports/figures/, reports/real_data.json.
+"""Stage `report`: reports/summary.md and reports/figures/, from the metrics files alone.
 
-Families are compared only when every metrics file records the protocol the current params
-give (the same one the real-data floor is computed under, from the cached reference features);
-reports/real_data.json records it too.
+Rows are compared only when every metrics file (each family and seed, and the baselines)
+records the protocol the current params give; the report reads JSON and writes Markdown and
+PNG, and logs them as one `report` MLflow run.
 """
 
 import json
-import math
 from pathlib import Path
 
 from genlab import paths
 from genlab.config import Params
 from genlab.data.prepared import read_meta
 from genlab.errors import GenlabError
-from genlab.evaluation.fidelity import check_protocols, load_reference, measurement
+from genlab.evaluation.baselines import COPYCAT as COPYCAT_ROW
+from genlab.evaluation.baselines import HELDOUT as HELDOUT_ROW
+from genlab.evaluation.baselines import REAL as REAL_ROW
+from genlab.evaluation.figures import FIGURES, write_figures
+from genlab.evaluation.predict import scorer
+from genlab.evaluation.protocol import check_protocols, measurement
 from genlab.evaluation.report import (
-    family_reports,
+    COPYCAT,
+    HELDOUT,
+    REAL,
+    Capabilities,
+    Row,
     grid_panels,
-    pixel_probe,
-    real_data_floor,
+    reasons,
     summary_markdown,
-    write_figures,
 )
-from genlab.io import write_json_atomic, write_text_atomic
+from genlab.io import write_text_atomic
+from genlab.models import MODELS
 from genlab.tracking import log_report
 
 
 def _read_json(path: Path, stage: str) -> dict:
     if not path.is_file():
         raise GenlabError(f"{path} not found: run `dvc repro {stage}` first")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise GenlabError(f"{path} is not valid JSON: re-run `dvc repro {stage}`") from None
+
+
+def capabilities(params: Params, family: str) -> Capabilities:
+    cls = MODELS[family]
+    return Capabilities(
+        likelihood=cls.likelihood,
+        monte_carlo=cls.monte_carlo,
+        scores=scorer(cls) is not None,
+        has_energy=cls.has_energy,
+        has_latent=cls.has_latent,
+        conditional=bool(params.family(family).model_kwargs().get("conditional", False)),
+    )
 
 
 def main(params: Params) -> None:
     meta = read_meta(paths.PREPARED)
     _, protocol = measurement(params.evaluate, paths.EVALUATOR, meta)
-    files = {f: _read_json(paths.family_metrics(f), f"evaluate@{f}") for f in params.families}
-    check_protocols(
-        {str(paths.family_metrics(f)): m.get("protocol") for f, m in files.items()}, protocol
-    )
-    metrics = {f: {k: v for k, v in m.items() if k != "protocol"} for f, m in files.items()}
-    evaluator = _read_json(paths.EVALUATOR_METRICS, "evaluator")
-    real = real_data_floor(load_reference(paths.REFERENCE, protocol), params.evaluate)
-    real["test/probe_acc"] = pixel_probe(paths.PREPARED, c=params.representation.probe_c)
-    write_json_atomic(paths.REAL_DATA_METRICS, real | {"protocol": protocol.as_dict()})
+    files = {
+        (f, s): _read_json(paths.family_metrics(f, s), f"evaluate@{f}-{s}")
+        for f in params.families
+        for s in params.seeds
+    }
+    baselines_file = _read_json(paths.BASELINE_METRICS, "baselines")
+    recorded = {str(paths.family_metrics(f, s)): m.get("protocol") for (f, s), m in files.items()}
+    recorded[str(paths.BASELINE_METRICS)] = baselines_file.get("protocol")
+    check_protocols(recorded, protocol)
 
-    families = family_reports(metrics, params)
-    grids = grid_panels(families)
-    evaluator_accuracy = float(evaluator.get("test/accuracy", math.nan))
+    common = {"confidence": protocol.confidence, "split": protocol.reference_split}
+    families = []
+    for f in params.families:
+        c = capabilities(params, f)
+        runs = {
+            s: {k: x for k, x in files[(f, s)].items() if k != "protocol"} for s in params.seeds
+        }
+        families.append(Row(f, runs, capabilities=c, why_not=reasons(f, c), **common))
+    baselines = {
+        title: Row(title, {0: baselines_file[key]}, **common)
+        for title, key in ((COPYCAT, COPYCAT_ROW), (HELDOUT, HELDOUT_ROW), (REAL, REAL_ROW))
+        if key in baselines_file
+    }
+    grid_seed = params.seeds[0]
+    grids = grid_panels(families, grid_seed)
     figures = write_figures(
         families,
-        real,
-        evaluator_accuracy=evaluator_accuracy,
+        baselines,
         ood_sets=params.prediction.ood_sets,
         grids=grids,
         out_dir=paths.REPORT_FIGURES,
     )
     summary = summary_markdown(
         families,
-        real,
-        evaluator_accuracy=evaluator_accuracy,
+        baselines,
         dataset=meta.dataset,
         dims=meta.dims,
         ood_sets=params.prediction.ood_sets,
-        statistic=params.prediction.statistic,
-        fpr=params.prediction.fpr,
+        figures=list(FIGURES),
         grids=grids,
+        grid_seed=grid_seed,
         extractor=protocol.extractor,
+        protocol_id=protocol.id,
     )
     write_text_atomic(paths.REPORT_SUMMARY, summary)
     log_report(
         params.tracking.uri,
         params.experiment_name,
-        real,
         data_sha256=meta.data_sha256,
-        artifacts=[paths.REPORT_SUMMARY, paths.REAL_DATA_METRICS, *figures],
+        artifacts=[paths.REPORT_SUMMARY, *figures],
     )
     print(summary)
