@@ -1,6 +1,8 @@
-"""Where the evaluate stage spends its time: sampling, feature extraction, the sample metrics with
+"""Where the evaluate stage and the baselines stage spend their time, phase by phase.
+
+The evaluate stage's phases, per family: sampling, feature extraction, the sample metrics with
 their bootstrap intervals, memorisation, and the likelihood, prediction (OOD, classification) and
-representation parts, per family; then the baselines stage's rows.
+representation parts; then the baselines stage's rows.
 
 Runs the evaluate stage's own function (`evaluate_model`) on the models of the last
 `uv run dvc repro` (models/<family>/seed<k>/model.ckpt), one process, with the evaluate,
@@ -9,11 +11,16 @@ data/reference. "other" is what the stage does outside the measured phases (load
 grids).
 
     uv run python benchmarks/evaluation.py                   # the stage's protocol
-    uv run python benchmarks/evaluation.py --quick           # 2 sets of 200 samples, 2 bound
-                                                             # terms, 1 OOD set, held-out bounds
-                                                             # with at most 10 draws, reference
+    uv run python benchmarks/evaluation.py --quick           # 2 sets of 200 samples, 20
+                                                             # bootstrap draws, 2 bound terms,
+                                                             # 1 OOD set, held-out bounds with
+                                                             # at most 10 draws, reference
                                                              # computed here
-    uv run python benchmarks/evaluation.py --family diffusion
+    uv run python benchmarks/evaluation.py --family diffusion --seed 1
+
+One training seed is timed (the first of `seeds` unless --seed): the cost does not depend on it.
+The last line times the baselines stage's work (`baseline_metrics`: the copycat's and held-out
+real images' sample metrics and memorisation, the real-data row) under the same protocol.
 """
 
 from __future__ import annotations
@@ -42,6 +49,10 @@ from genlab.training import MODEL_FILE
 # The evaluate stage's phases (evaluation/evaluate.py): "metrics" are the sample metrics with
 # their bootstrap intervals, "memorisation" the copying statistics; "likelihood" includes the
 # held-out - train gap.
+# --quick: what EvaluateParams allows at the least of sets (sample_seeds >= 2) and of the
+# bootstrap (>= 10); 200 samples a set, or the validation split's size if smaller (the held-out
+# real row is one set of validation images: `protocol.set_size`).
+QUICK = {"num_samples": 200, "sample_seeds": 2, "bootstrap": 20, "kid_subset_size": 100}
 PHASES = (
     "sampling",
     "features",
@@ -68,24 +79,22 @@ def main(argv: list[str] | None = None) -> int:
     missing = [f for f in families if not (paths.family_model_dir(f, seed) / MODEL_FILE).is_file()]
     if missing:
         sys.exit(f"no trained model for {', '.join(missing)}: run `uv run dvc repro` first")
+    meta = read_meta(paths.PREPARED)
+    if args.quick:
+        n = min(QUICK["num_samples"], int(meta.splits["val"]["n"]))
+        protocol = protocol.model_copy(update=QUICK | {"num_samples": n})
+        prediction = prediction.model_copy(update={"bound_samples": 2, "ood_sets": ["noise"]})
+    extractor, measured = measurement(protocol, paths.EVALUATOR, meta)
     with tempfile.TemporaryDirectory(prefix="genlab-evaluation-") as tmp:
         reference_dir = paths.REFERENCE
-        if args.quick:
-            protocol = protocol.model_copy(
-                update={"num_samples": 200, "sample_seeds": 2, "kid_subset_size": 100}
-            )
-            prediction = prediction.model_copy(update={"bound_samples": 2, "ood_sets": ["noise"]})
-            extractor, measured = measurement(protocol, paths.EVALUATOR, read_meta(paths.PREPARED))
+        if args.quick:  # computed here: no need for the `reference` stage's file
             reference = compute_reference(
                 paths.PREPARED, extractor, measured, batch_size=protocol.batch_size, device=device
             )
             reference_dir = Path(tmp)
             save_reference(reference, reference_dir, measured)
-
-        meta = read_meta(paths.PREPARED)
-        extractor, measured = measurement(protocol, paths.EVALUATOR, meta)
         print(
-            f"{measured.sample_seeds} sets of {measured.num_samples} samples, "
+            f"seed {seed}: {measured.sample_seeds} sets of {measured.num_samples} samples, "
             f"{measured.bootstrap} bootstrap draws, {prediction.bound_samples} bound terms, "
             f"OOD sets {', '.join(prediction.ood_sets)}, seconds on {device}"
         )
@@ -117,11 +126,13 @@ def main(argv: list[str] | None = None) -> int:
                 totals[key] += value
             print(f"{family:<10}" + "".join(f"{row[c]:>15.1f}" for c in totals))
         print(f"{'all':<10}" + "".join(f"{totals[c]:>15.1f}" for c in totals))
-        # The baselines stage: the copycat and held-out rows through the same metrics.
+        # The baselines stage's work: the copycat and held-out real rows through the same
+        # sample metrics and memorisation statistics, and the real-data row.
+        reference = load_reference(reference_dir, measured)
         start = time.perf_counter()
-        baseline_metrics(
+        rows = baseline_metrics(
             paths.PREPARED,
-            reference=load_reference(reference_dir, measured),
+            reference=reference,
             protocol=measured,
             extractor=extractor,
             evaluator_path=paths.EVALUATOR,
@@ -130,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             device=device,
         )
         baselines_s = time.perf_counter() - start
-        print(f"{'baselines':<10}{baselines_s:>15.1f}  (the baselines stage, all rows)")
+        print(f"{'baselines':<10}{baselines_s:>15.1f}  (the baselines stage: {', '.join(rows)})")
     top = max(PHASES, key=totals.get)
     print(
         f"evaluation: {totals['total']:.0f} s for {len(families)} families; sampling "

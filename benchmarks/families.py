@@ -1,5 +1,7 @@
-"""What each family costs: training and sampling images per second, network evaluations per
-sample, parameters and peak memory, with the default params.yaml settings.
+"""What each family costs: training and sampling throughput, NFE, parameters, peak memory.
+
+Training and sampling images per second, network evaluations per sample, parameters and peak
+memory, with the default params.yaml settings.
 
 Each family runs in a forked child of this process (imports done once, nothing of torch run
 before the fork, so each child starts from the same state): a short training through

@@ -1,5 +1,4 @@
-"""DDPM (all T steps) against DDIM (S = 10, 25, 50, 100): FID with its interval and seconds per
-sample.
+"""DDPM (all T steps) against DDIM (S = 10, 25, 50, 100): FID with intervals, seconds/sample.
 
 Samples the trained diffusion model of the last `uv run dvc repro`
 (models/diffusion/seed<k>/model.ckpt) under the evaluate stage's protocol (the same sample sets,
@@ -7,7 +6,8 @@ labels, cached reference features and intervals), changing only the sampler, so 
 comparable with metrics/diffusion/seed<k>.json.
 
     uv run python benchmarks/samplers.py            # the full protocol (DDPM takes minutes on CPU)
-    uv run python benchmarks/samplers.py --quick    # 2 sets of 200 samples: noisier FID
+    uv run python benchmarks/samplers.py --quick    # 2 sets of 200 samples, 20 bootstrap draws:
+                                                    # wider intervals
 
 Target (issue 4): DDIM with 50 steps within 10% of DDPM's FID, at least 15x faster.
 """
@@ -33,32 +33,38 @@ FAMILY = "diffusion"
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="2 x 200 samples, DDIM 10/50, DDPM")
+    parser.add_argument("--quick", action="store_true", help="2 x 200 samples, DDIM 10/50 and DDPM")
     parser.add_argument("--seed", type=int, help="training seed (default: the first of seeds)")
     args = parser.parse_args(argv)
 
     params = load_params()
     seed = params.seeds[0] if args.seed is None else args.seed
     evaluate = params.evaluate
-    if args.quick:
-        evaluate = evaluate.model_copy(update={"num_samples": 200, "sample_seeds": 2})
     meta = read_meta(paths.PREPARED)
+    if args.quick:  # at most the validation split's size (protocol.set_size)
+        n = min(200, int(meta.splits["val"]["n"]))
+        quick = {"num_samples": n, "sample_seeds": 2, "bootstrap": 20}
+        evaluate = evaluate.model_copy(update=quick)
     extractor, protocol = measurement(evaluate, paths.EVALUATOR, meta)
     # The cached features do not depend on the set size or count: the stage's file serves.
     reference = load_reference(paths.REFERENCE, protocol)
-    model = MODELS[FAMILY].load_from_checkpoint(
-        paths.family_model_dir(FAMILY, seed) / MODEL_FILE, map_location="cpu", weights_only=True
-    )
+    device = params.trainer.eval_device
+    checkpoint = paths.family_model_dir(FAMILY, seed) / MODEL_FILE
+    if not checkpoint.is_file():
+        sys.exit(f"no trained {FAMILY} model for seed {seed} ({checkpoint}): run `dvc repro`")
+    model = MODELS[FAMILY].load_from_checkpoint(checkpoint, map_location=device, weights_only=True)
     reference_y = load_split(paths.PREPARED, protocol.reference_split, meta).y
     timesteps = model.hparams.timesteps
     settings = [("ddim", s) for s in ((10, 50) if args.quick else (10, 25, 50, 100))]
     settings.append(("ddpm", timesteps))
 
-    header = f"{'sampler':<8} {'steps':>6} {'NFE':>6} {'FID [95%]':>22} {'KID':>8} {'cond':>6} "
+    interval = f"[{protocol.confidence:.0%}]"
+    header = f"{'sampler':<8} {'steps':>6} {'NFE':>6} {'FID ' + interval:>22} "
+    header += f"{'KID ' + interval:>26} {'cond ' + interval:>20} "
     header += f"{'s/sample':>9}"
     print(
-        f"{FAMILY}: {protocol.sample_seeds} sets of {protocol.num_samples} samples, "
-        f"guidance {model.hparams.guidance_scale}"
+        f"{FAMILY} (seed {seed}): {protocol.sample_seeds} sets of {protocol.num_samples} "
+        f"samples, guidance {model.hparams.guidance_scale}, on {device}"
     )
     print(header)
     print("-" * len(header))
@@ -68,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             model, protocol, batch_size=evaluate.batch_size, sampler=sampler, steps=steps
         )
         row = Row(generated.sets, generated.labels)
-        features = row_features(row, extractor, batch_size=evaluate.batch_size, device="cpu")
+        features = row_features(row, extractor, batch_size=evaluate.batch_size, device=device)
         metrics = generation_metrics(
             row,
             features,
@@ -79,13 +85,14 @@ def main(argv: list[str] | None = None) -> int:
             extractor=extractor,
             evaluator_path=paths.EVALUATOR,
             batch_size=evaluate.batch_size,
+            device=device,
         )
         per_sample = generated.seconds / (protocol.num_samples * protocol.sample_seeds)
         nfe = model.sampling_nfe(sampler=sampler, steps=steps)
         results[(sampler, steps)] = (v.estimate(metrics, v.FID), per_sample)
         print(
             f"{sampler:<8} {steps:>6} {nfe:>6.0f} {cell(metrics, v.FID):>22} "
-            f"{metrics[v.KID]:>8.4f} {metrics.get(v.COND_ACC, float('nan')):>6.3f} "
+            f"{cell(metrics, v.KID, 4):>26} {cell(metrics, v.COND_ACC):>20} "
             f"{per_sample:>9.5f}"
         )
     fid_ddim, t_ddim = results[("ddim", 50)]

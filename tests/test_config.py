@@ -50,6 +50,16 @@ BAD_PARAMS = [
     ("empty-families", "families: []\n", "families"),
     ("missing-families", "seeds: [0]\n", "families"),
     ("unknown-dataset", "families: [vae]\ndataset:\n  name: imagenet\n", "dataset.name"),
+    # Training seeds: a list of distinct seeds in 0..2^32 - 1 replaces the one `seed`.
+    ("old-seed-key", "families: [vae]\nseed: 0\n", "seed"),
+    ("seeds-not-a-list", "families: [vae]\nseeds: 0\n", "seeds"),
+    ("empty-seeds", "families: [vae]\nseeds: []\n", "seeds"),
+    ("duplicate-seed", "families: [vae]\nseeds: [0, 0]\n", "seeds"),
+    ("negative-seed", "families: [vae]\nseeds: [-1]\n", "seeds.0"),
+    ("seed-above-2-32", "families: [vae]\nseeds: [0, 4294967296]\n", "seeds.1"),
+    ("negative-evaluator-seed", "families: [vae]\nevaluator:\n  seed: -1\n", "evaluator.seed"),
+    ("unknown-split", "families: [vae]\nevaluate:\n  split: train\n", "evaluate.split"),
+    ("one-sample-set", "families: [vae]\nevaluate:\n  sample_seeds: 1\n", "evaluate.sample_seeds"),
 ]
 # Errors that are not about one key: (id, text, what the line must say instead).
 BAD_FILES = [
@@ -201,13 +211,35 @@ def test_config_hash_is_stable_and_tracks_hyperparameters() -> None:
 
 
 @pytest.mark.parametrize(
-    ("seeds", "problem"),
-    [([0, 0], "a seed is listed twice"), ([-1], "seeds.0"), ([2**32], "seeds.0"), ([], "seeds")],
+    ("seeds", "key", "says"),
+    [
+        ([0, 0], "seeds", "a seed is listed twice"),
+        ([3, 1, 3], "seeds", "a seed is listed twice"),
+        ([-1], "seeds.0", "greater than or equal to 0"),
+        ([2**32], "seeds.0", f"less than or equal to {2**32 - 1}"),
+        ([0, 2**32], "seeds.1", f"less than or equal to {2**32 - 1}"),
+        ([], "seeds", "at least 1 item"),
+        ([True], "seeds.0", "valid integer"),  # strict: a bool is not a seed
+    ],
 )
-def test_bad_seeds_are_one_clear_error(seeds: list[int], problem: str) -> None:
-    with pytest.raises(ConfigError, match=problem):
+def test_bad_seeds_are_one_clear_error_naming_seeds(seeds: list, key: str, says: str) -> None:
+    with pytest.raises(ConfigError) as info:
         parse_params({"families": ["vae"], "seeds": seeds})
-    assert parse_params({"families": ["vae"], "seeds": [2**32 - 1]}).seeds == [2**32 - 1]
+    message = str(info.value)
+    assert "\n" not in message and "more problem" not in message, message  # one error
+    assert message.startswith(f"params.yaml: {key}: "), message
+    assert says in message, message
+
+
+def test_seeds_keep_their_order_and_each_is_its_own_training() -> None:
+    assert parse_params({"families": ["vae"]}).seeds == [0]  # the default: one seed
+    top = parse_params({"families": ["vae"], "seeds": [2**32 - 1]})
+    assert top.seeds == [2**32 - 1]
+    params = parse_params({"families": ["vae"], "seeds": [5, 0, 2]})
+    assert params.seeds == [5, 0, 2]
+    for seed in params.seeds:
+        assert params.training_config("vae", seed)["seed"] == seed
+    assert "seeds" not in params.training_config("vae", 5)
 
 
 @pytest.mark.parametrize(
@@ -215,18 +247,45 @@ def test_bad_seeds_are_one_clear_error(seeds: list[int], problem: str) -> None:
     [
         ({"split": "train"}, "evaluate.split"),
         ({"sample_seeds": 1}, "evaluate.sample_seeds"),
+        ({"sample_seeds": 101}, "evaluate.sample_seeds"),
         ({"bootstrap": 5}, "evaluate.bootstrap"),
+        ({"bootstrap": 10001}, "evaluate.bootstrap"),
         ({"confidence": 1.0}, "evaluate.confidence"),
+        ({"confidence": 0.5}, "evaluate.confidence"),
         ({"copying_cells": 0}, "evaluate.copying_cells"),
+        ({"copying_cells": 101}, "evaluate.copying_cells"),
         ({"copying_tau": -0.1}, "evaluate.copying_tau"),
+        ({"copying_tau": 1.0}, "evaluate.copying_tau"),
         ({"num_samples": "all"}, "evaluate.num_samples"),
+        ({"num_samples": 1}, "evaluate.num_samples"),
     ],
 )
 def test_the_protocol_keys_validate(evaluate: dict, key: str) -> None:
-    with pytest.raises(ConfigError, match=key):
+    with pytest.raises(ConfigError) as info:
         parse_params({"families": ["vae"], "evaluate": evaluate})
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"params.yaml: {key}: "), message
+
+
+def test_the_protocol_defaults_and_bounds_parse() -> None:
     default = parse_params({"families": ["vae"]}).evaluate
     assert (default.split, default.num_samples, default.sample_seeds) == ("test", None, 5)
+    assert 0.5 < default.confidence < 1 and default.bootstrap >= 10
+    edges = {
+        "split": "val",
+        "num_samples": None,  # null: the validation split's size
+        "sample_seeds": 2,
+        "bootstrap": 10,
+        "confidence": 0.99,
+        "copying_cells": 1,
+        "copying_tau": 0.0,
+    }
+    parsed = parse_params({"families": ["vae"], "evaluate": edges}).evaluate
+    assert {k: getattr(parsed, k) for k in edges} == edges
+    top = {"sample_seeds": 100, "bootstrap": 10000, "copying_cells": 100, "num_samples": 2}
+    parsed = parse_params({"families": ["vae"], "evaluate": top}).evaluate
+    assert {k: getattr(parsed, k) for k in top} == top
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -229,3 +230,58 @@ def test_bad_inputs_give_one_clear_line_and_no_output(project, tmp_path, monkeyp
     code, _, err = score(project, monkeypatch, capsys, "pixelcnn", str(good), "--seed", "1")
     assert code == 1 and "models/pixelcnn/seed1/model.ckpt not found" in err
     assert "train@pixelcnn-1" in err
+    # A seed outside 0..2^32 - 1, or not a number: argparse's one line and exit code 2.
+    for bad, says in (
+        ("-1", "a seed is in 0..4294967295, got -1"),
+        (str(2**32), f"a seed is in 0..4294967295, got {2**32}"),
+        ("one", "not an integer: 'one'"),
+    ):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as info:
+            main(["score", "pixelcnn", str(good), "--seed", bad])
+        assert info.value.code == 2, bad
+        stdout, err = capsys.readouterr()
+        assert (
+            stdout == "" and err.splitlines()[-1] == f"genlab score: error: argument --seed: {says}"
+        )
+
+
+def test_seed_picks_that_training_seeds_model_and_defaults_to_the_first_seed(
+    project, tmp_path, monkeypatch, capsys
+):
+    """`--seed k` scores with models/<family>/seed<k>/model.ckpt; without it, with the first of
+    `seeds` in params.yaml."""
+    root = tmp_path / "seeded"
+    shutil.copytree(project.root, root)
+    seeded = project._replace(root=root)
+    meta = project.meta
+    train = load_split(root / "data" / "prepared", "train", meta)
+    geometry = {"image_shape": meta.shape, "levels": meta.levels, "num_classes": meta.num_classes}
+    torch.manual_seed(3)
+    other = MODELS["pixelcnn"](**geometry, channels=16, num_layers=3, conditional=False)
+    other_file = root / paths.family_model_dir("pixelcnn", 3) / MODEL_FILE
+    _fit_and_save(other, train.x, train.y, other_file, max_steps=1)
+    x = project.test[:10]  # (10, 1, 8, 8)
+    np.save(tmp_path / "x.npy", x.numpy())
+
+    def nats(*args: str) -> list[float]:
+        code, out, err = score(
+            seeded, monkeypatch, capsys, "pixelcnn", str(tmp_path / "x.npy"), *args
+        )
+        assert code == 0, err
+        return [float(r["nats"]) for r in csv.DictReader(out.splitlines())]
+
+    def direct(seed: int) -> list[float]:
+        file = root / paths.family_model_dir("pixelcnn", seed) / MODEL_FILE
+        model = MODELS["pixelcnn"].load_from_checkpoint(file, weights_only=True).eval()
+        with torch.no_grad():
+            return (-model.log_prob(x).double()).tolist()
+
+    first, third = nats("--seed", "0"), nats("--seed", "3")
+    assert first == pytest.approx(direct(0), abs=1e-4)
+    assert third == pytest.approx(direct(3), abs=1e-4)
+    assert third != pytest.approx(first, abs=1e-2)  # another model, other numbers
+    assert nats() == first  # params.yaml: seeds: [0]
+    params = yaml.safe_load((root / "params.yaml").read_text()) | {"seeds": [3, 0]}
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert nats() == third

@@ -21,6 +21,8 @@ import yaml
 
 from genlab import paths
 from genlab.cli import main as genlab_main
+from genlab.evaluation import vocabulary as v
+from genlab.training import run_name
 
 REPO = Path(__file__).resolve().parents[1]
 SERVER_SCRIPT = REPO / "scripts/tracking_server.py"
@@ -48,7 +50,7 @@ class TrackingServer:
         cmd = [sys.executable, str(SERVER_SCRIPT), "--port", str(self.port), "--workers", "1"]
         cmd += ["--data-dir", str(self.data_dir)]
         log = open(self.data_dir / "server.log", "a")  # noqa: SIM115 (kept open by the server)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GENLAB_SERVER_")}
+        env = {k: x for k, x in os.environ.items() if not k.startswith("GENLAB_SERVER_")}
         env["OMP_NUM_THREADS"] = "1"
         # Own process group: stop() ends the server and its workers, nothing else.
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env, start_new_session=True)
@@ -166,17 +168,22 @@ def test_tiny_training_logs_over_http_and_rest_search_returns_its_eval_metrics(
         assert genlab_main(command) == 0, command
 
     assert not (work / "mlflow.db").exists()  # nothing went to a local store
-    (run,) = server.search_runs("digits", "tags.family = 'vae'", ["metrics.`eval/fid` ASC"])
+    (run,) = server.search_runs("digits", "tags.family = 'vae'", [f"metrics.`{v.FID}` ASC"])
     assert run["info"]["status"] == "FINISHED"
+    assert run["info"]["run_name"] == run_name("vae", 0) == "vae (seed 0)"
     metrics = metrics_of(run)
     written = json.loads((work / paths.family_metrics("vae", 0)).read_text())
-    expected = {k: v for k, v in written.items() if isinstance(v, int | float)}  # the numbers
-    assert {"eval/fid", "eval/kid_mean", "eval/precision", "eval/recall"} <= set(expected)
+    expected = {k: x for k, x in written.items() if isinstance(x, int | float)}  # the numbers
+    assert {v.FID, v.KID, v.PRECISION, v.RECALL} <= set(expected)
+    # Every comparison with its uncertainty: the intervals reach the server with the values.
+    assert {v.ci_low(v.FID), v.ci_high(v.FID), v.se(v.nll_key("test", "lower_bound"))} <= set(
+        expected
+    )
     for key, value in expected.items():
         assert metrics[key] == pytest.approx(value), key
-    assert "train/loss" in metrics and "val/nll_bound_nats" in metrics
+    assert v.TRAIN_LOSS in metrics and v.nll_key("val", "lower_bound") in metrics
     assert params_of(run)["model.latent_dim"] == "4"
-    assert tags_of(run)["dvc_stage"] == "train@vae-0"
+    assert (tags_of(run)["dvc_stage"], tags_of(run)["seed"]) == ("train@vae-0", "0")
 
     # Artifacts went through the server (served artifacts) into its own store.
     assert run["info"]["artifact_uri"].startswith("mlflow-artifacts:")
@@ -216,7 +223,7 @@ def test_two_queued_experiments_run_in_parallel_land_complete_in_the_server(
     assert "Failed" not in status, status + dvc("queue", "logs", "q-three")
     assert not (root / "mlflow.db").exists()  # every run went to the server
 
-    runs = server.search_runs("digits", "tags.family = 'vae'", ["metrics.`eval/fid` ASC"])
+    runs = server.search_runs("digits", "tags.family = 'vae'", [f"metrics.`{v.FID}` ASC"])
     by_exp = {tags_of(r).get("dvc_exp_name"): r for r in runs}
     assert set(by_exp) == {"q-three", "q-five"}
     for name, latent in (("q-three", 3), ("q-five", 5)):
@@ -224,8 +231,8 @@ def test_two_queued_experiments_run_in_parallel_land_complete_in_the_server(
         assert run["info"]["status"] == "FINISHED"
         assert params_of(run)["model.latent_dim"] == str(latent)
         metrics = metrics_of(run)
-        assert {"eval/fid", "eval/kid_mean", "test/nll_bound_nats"} <= set(metrics)
+        assert {v.FID, v.KID, v.nll_key("test", "lower_bound")} <= set(metrics)
         listed = server.rest("artifacts/list", run_id=run["info"]["run_id"], path="checkpoint")
         assert [f["path"] for f in listed["files"]] == ["checkpoint/model.ckpt"]
-    fids = [metrics_of(r)["eval/fid"] for r in runs]
+    fids = [metrics_of(r)[v.FID] for r in runs]
     assert fids == sorted(fids)  # side by side, in the server's order

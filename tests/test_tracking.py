@@ -23,9 +23,18 @@ import genlab.spool
 from genlab.cli import main as genlab_main
 from genlab.data.prepared import load_split, read_meta
 from genlab.errors import TrackingError
+from genlab.evaluation import vocabulary as v
 from genlab.models.vae import VAE
 from genlab.spool import RECORDS, REJECTED, ReplayCounts, Spool, SpoolingMLFlowLogger
-from genlab.tracking import SHORT_HTTP_SETTINGS, check_reachable, short_http_retries
+from genlab.tracking import (
+    BASELINES_TAG,
+    REPORT_TAG,
+    SHORT_HTTP_SETTINGS,
+    check_reachable,
+    log_baselines,
+    log_report,
+    short_http_retries,
+)
 
 # The team server script, started as users start it; stop() and start() again: an outage.
 from test_server import TrackingServer as MlflowServer
@@ -61,8 +70,53 @@ def test_check_reachable_sqlite_needs_a_writable_folder(tmp_path: Path) -> None:
 def test_short_http_retries_are_scoped() -> None:
     before = {name: os.environ.get(name) for name in SHORT_HTTP_SETTINGS}
     with short_http_retries():
-        assert all(os.environ[k] == v for k, v in SHORT_HTTP_SETTINGS.items())
+        assert all(os.environ[k] == x for k, x in SHORT_HTTP_SETTINGS.items())
     assert {name: os.environ.get(name) for name in SHORT_HTTP_SETTINGS} == before
+
+
+def test_the_baselines_and_report_runs_are_finished_runs_with_their_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The two stages that are not a training log one finished run each: the baselines' rows
+    as `<row>.<metric>` with the protocol as `eval.protocol.*` tags, the report its files; a
+    store that cannot be reached is one line that says the files are written."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_STAGE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    (tmp_path / "baselines.json").write_text("{}")
+    (tmp_path / "summary.md").write_text("# report\n")
+    metrics = {f"copycat.{v.FID}": 0.0, f"copycat.{v.ci_high(v.FID)}": 0.5, f"real.{v.KID}": 0.1}
+    protocol = {"num_samples": 350, "extractor": "genlab-evaluator"}
+    kw = {"data_sha256": "d" * 64}
+    baselines = log_baselines(
+        uri, "digits", metrics, protocol=protocol, artifacts=[tmp_path / "baselines.json"], **kw
+    )
+    report = log_report(uri, "digits", artifacts=[tmp_path / "summary.md"], **kw)
+    client = MlflowClient(uri)
+    for record, name, tag, folder, logged in (
+        (baselines, "baselines (copycat, held-out real)", BASELINES_TAG, "baselines", metrics),
+        (report, "report", REPORT_TAG, "report", {}),
+    ):
+        run = client.get_run(record.run_id)
+        assert run.info.status == "FINISHED" and run.info.run_name == name
+        assert run.data.tags["family"] == tag and run.data.tags["dvc_stage"] == folder
+        assert run.data.tags["data_sha256"] == "d" * 64
+        assert run.data.metrics == logged
+        files = [a.path for a in client.list_artifacts(record.run_id, folder)]
+        assert files == [f"{folder}/{'baselines.json' if tag == BASELINES_TAG else 'summary.md'}"]
+    tags = client.get_run(baselines.run_id).data.tags
+    assert (tags["eval.protocol.num_samples"], tags["eval.protocol.extractor"]) == (
+        "350",
+        "genlab-evaluator",
+    )
+
+    unreachable = f"http://127.0.0.1:{free_port()}"
+    with short_http_retries(), pytest.raises(TrackingError) as info:
+        log_report(unreachable, "digits", artifacts=[], **kw)
+    message = str(info.value)
+    assert "\n" not in message and unreachable in message
+    assert "the files are written" in message
 
 
 def _loader(prepared: Path, split: str) -> DataLoader:
@@ -84,7 +138,7 @@ def test_spool_replay_is_in_order_exactly_once_and_sets_refusals_aside(tmp_path:
     spool.bind(client.tracking_uri, run_id)
     for step in range(3):
         spool.append(
-            {"kind": "metrics", "metrics": [["train/loss", 1.0 / (step + 1), 1000 + step, step]]}
+            {"kind": "metrics", "metrics": [[v.TRAIN_LOSS, 1.0 / (step + 1), 1000 + step, step]]}
         )
     with open(tmp_path / "spool" / RECORDS, "a") as f:
         f.write('{"kind": "metr')  # a crash mid-append
@@ -93,14 +147,14 @@ def test_spool_replay_is_in_order_exactly_once_and_sets_refusals_aside(tmp_path:
         {"kind": "image", "key": "samples", "step": 1, "timestamp": 5000},
         np.zeros((4, 4, 3), np.uint8),
     )
-    spool.append({"kind": "metrics", "metrics": [["train/loss", 0.1, 1003, 3]]})
+    spool.append({"kind": "metrics", "metrics": [[v.TRAIN_LOSS, 0.1, 1003, 3]]})
     spool.append({"kind": "terminated", "status": "FINISHED", "end_time": 6000})
     saved = (tmp_path / "spool" / RECORDS).read_bytes()
 
     counts = spool.replay(client)
     assert (counts.metrics, counts.images, counts.status, counts.rejected) == (4, 1, 1, 1)
     assert not spool.pending() and spool.replay(client).total == 0
-    history = client.get_metric_history(run_id, "train/loss")
+    history = client.get_metric_history(run_id, v.TRAIN_LOSS)
     assert [(m.step, m.timestamp) for m in sorted(history, key=lambda m: m.step)] == [
         (0, 1000),
         (1, 1001),
@@ -117,7 +171,7 @@ def test_spool_replay_is_in_order_exactly_once_and_sets_refusals_aside(tmp_path:
     (tmp_path / "spool" / RECORDS).write_bytes(saved)
     counts = spool.replay(client)
     assert (counts.metrics, counts.rejected) == (4, 2) and not spool.pending()
-    assert len(client.get_metric_history(run_id, "train/loss")) == 4
+    assert len(client.get_metric_history(run_id, v.TRAIN_LOSS)) == 4
 
 
 def test_metrics_are_gathered_and_sent_at_checkpoints_before_other_records_and_at_the_end(
@@ -141,28 +195,28 @@ def test_metrics_are_gathered_and_sent_at_checkpoints_before_other_records_and_a
     monkeypatch.setattr(genlab.spool, "FLUSH_S", 3600.0)
 
     def history() -> dict[int, int]:
-        return {m.step: m.timestamp for m in client.get_metric_history(run_id, "train/loss")}
+        return {m.step: m.timestamp for m in client.get_metric_history(run_id, v.TRAIN_LOSS)}
 
     called_ms = {}
     for step in range(5):
         before = int(time.time() * 1000)
-        logger.log_metrics({"train/loss": 1.0 / (step + 1)}, step=step)
+        logger.log_metrics({v.TRAIN_LOSS: 1.0 / (step + 1)}, step=step)
         called_ms[step] = (before, int(time.time() * 1000))
     assert list(history()) == [0] and requests == ["metrics:1"]  # the first goes at once
     logger.after_save_checkpoint(ModelCheckpoint(dirpath=tmp_path / "ckpt"))
     assert requests == ["metrics:1", "metrics:4"]
     assert all(lo <= history()[step] <= hi for step, (lo, hi) in called_ms.items())
 
-    logger.log_metrics({"train/loss": 0.1}, step=5)
+    logger.log_metrics({v.TRAIN_LOSS: 0.1}, step=5)
     logger.log_image(np.zeros((4, 4, 3), np.uint8), "samples", step=1)
-    logger.log_metrics({"train/loss": 0.05}, step=6)
+    logger.log_metrics({v.TRAIN_LOSS: 0.05}, step=6)
     assert requests[2:] == ["metrics:1", "image:0"] and 6 not in history()
     logger.finalize("success")
     assert requests[4:] == ["metrics:1", "terminated:0"] and sorted(history()) == list(range(7))
     assert client.get_run(run_id).info.status == "FINISHED"
 
     monkeypatch.setattr(genlab.spool, "FLUSH_S", 0.0)  # past FLUSH_S: the call sends
-    logger.log_metrics({"train/loss": 0.01}, step=7)
+    logger.log_metrics({v.TRAIN_LOSS: 0.01}, step=7)
     assert requests[6:] == ["metrics:1"] and 7 in history()
     assert not Spool(tmp_path / "spool").exists()  # nothing failed, nothing spooled
 
@@ -258,7 +312,7 @@ def test_outage_during_fit_is_spooled_and_synced_after_restart(
     assert not spool.pending() and not (spool_dir / "rejected.jsonl").exists()
 
     # Every optimizer step's train/loss is in the run, with the time it was logged at.
-    history = client.get_metric_history(run_id, "train/loss")
+    history = client.get_metric_history(run_id, v.TRAIN_LOSS)
     assert sorted(m.step for m in history) == list(range(trainer.global_step))
     assert all(m.timestamp <= fit_done_ms for m in history)
     images = [a.path for a in client.list_artifacts(run_id, "images")]
@@ -270,7 +324,7 @@ def test_outage_during_fit_is_spooled_and_synced_after_restart(
 
     # A second sync finds nothing to do and changes nothing.
     assert genlab_main(["sync", str(tmp_path / "checkpoints")]) == 0
-    assert len(client.get_metric_history(run_id, "train/loss")) == len(history)
+    assert len(client.get_metric_history(run_id, v.TRAIN_LOSS)) == len(history)
     assert len(client.list_artifacts(run_id, "images")) == len(images)
     assert json.loads((spool_dir / "spool.json").read_text())["run_id"] == run_id
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,13 +20,15 @@ from mlflow.tracking import MlflowClient
 
 import genlab.spool
 from genlab import paths
-from genlab.config import DatasetParams, Params, parse_params
-from genlab.data.prepared import prepare
+from genlab.config import DatasetParams, Params, config_hash, parse_params
+from genlab.data.prepared import prepare, read_meta
 from genlab.errors import TrainingDiverged, TrainingInterrupted
+from genlab.evaluation import vocabulary as v
 from genlab.models import MODELS
 from genlab.models.ebm import ENERGY_GAP_STEPS
 from genlab.models.gan import D_WIN_STEPS
-from genlab.training import MODEL_FILE, NVML_CHECK, train_family
+from genlab.stages import train as train_stage
+from genlab.training import MODEL_FILE, NVML_CHECK, run_name, train_family
 from pre_emption import start_until_checkpoint
 
 GENLAB = [sys.executable, "-m", "genlab.cli"]
@@ -41,7 +44,7 @@ def _params(tmp: Path, max_epochs: int) -> None:
 
 
 def _env(tmp: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env = {k: x for k, x in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     return env | {"OMP_NUM_THREADS": "1", "DVC_ROOT": str(tmp)}
 
 
@@ -77,7 +80,7 @@ def test_sigterm_exits_nonzero_writes_nothing_final_and_resume_finishes(tmp_path
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs(client.search_experiments()[0].experiment_id.split())
     assert [r.info.run_id for r in runs] == [run_id]
-    steps = sorted(m.step for m in client.get_metric_history(run_id, "train/loss"))
+    steps = sorted(m.step for m in client.get_metric_history(run_id, v.TRAIN_LOSS))
     assert set(steps) == set(range(150 * 2))  # 1000 images / batch 500 = 2 steps per epoch
     # Only the epoch cut short by the kill is trained (and logged) again after resume.
     redone = {s for s in steps if steps.count(s) > 1}
@@ -185,7 +188,7 @@ def _assert_equal(a: object, b: object, where: str = "") -> None:
     # Where else a signal lands: in validation (the epoch is redone from its start), at an
     # epoch's end (resumed from that epoch's checkpoint, the next epoch not skipped).
     + [("vae", KillAt(8, "validation")), ("vae", KillAt(4, "epoch_end"))],
-    ids=lambda v: v.phase if isinstance(v, KillAt) else v,
+    ids=lambda p: p.phase if isinstance(p, KillAt) else p,
 )
 def test_resume_after_a_kill_is_bit_identical(
     family: str, kill: KillAt, tiny: dict, prepared_digits: Path, tmp_path: Path, monkeypatch
@@ -208,7 +211,7 @@ def test_resume_after_a_kill_is_bit_identical(
     assert _state(ckpt_dir / "last.ckpt")["global_step"] == (6 if kill.phase == "batch" else 4)
     result = train("resumed")
     client = MlflowClient(result.run.tracking_uri)
-    steps = {m.step for m in client.get_metric_history(result.run.run_id, "train/loss")}
+    steps = {m.step for m in client.get_metric_history(result.run.run_id, v.TRAIN_LOSS)}
     assert steps == set(range(8))
 
     (straight_dir,) = (tmp_path / "straight/checkpoints").iterdir()
@@ -317,15 +320,15 @@ def test_training_values_reach_mlflow_on_lightnings_logging_steps(
     assert seen.points == {0: set(), 1: set(), 2: {1}}, seen.points
     client = MlflowClient(params.tracking.uri)
     run = client.get_run(result.run.run_id)
-    keys = [k for k in run.data.metrics if k.startswith("train/") and k != "train/wall_s"]
-    assert "train/loss" in keys and len(keys) > 1
+    keys = [k for k in run.data.metrics if k.startswith("train/") and k != v.TRAIN_WALL_S]
+    assert v.TRAIN_LOSS in keys and len(keys) > 1
     batches = 3 * 4  # 1000 training images in batches of 250
     for key in keys:
         steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
         assert len(steps) == batches // 5, (key, steps)
         assert len({b - a for a, b in itertools.pairwise(steps)}) == 1, (key, steps)  # evenly
     first = {k: [m.step for m in client.get_metric_history(run.info.run_id, k)] for k in keys}
-    assert len({tuple(v) for v in first.values()}) == 1, first
+    assert len({tuple(s) for s in first.values()}) == 1, first
 
 
 class EnvironmentSeen(Callback):
@@ -355,7 +358,7 @@ def test_the_fit_runs_without_lightnings_nvml_cuda_check_and_misleading_warnings
     assert not any("logging interval" in m for m in messages), messages
     assert sum("exists and is not empty" in m for m in messages) == 1, messages  # ours only
     client = MlflowClient(params.tracking.uri)
-    assert [m.step for m in client.get_metric_history(result.run.run_id, "train/loss")] == [7]
+    assert [m.step for m in client.get_metric_history(result.run.run_id, v.TRAIN_LOSS)] == [7]
 
 
 class NetworksSeen(Callback):
@@ -386,3 +389,54 @@ def test_compiled_channels_last_training_checkpoints_load_into_a_plain_model(
     assert not any("_orig_mod" in key for key in state)
     model = MODELS["vae"].load_from_checkpoint(result.checkpoint, weights_only=True)
     assert model.sample(3).dtype == torch.uint8
+
+
+def test_each_training_seed_is_its_own_run_checkpoint_folder_and_model(
+    tiny: dict, prepared_digits: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """`seeds: [0, 7]`: the train stage fits each seed into models/<family>/seed<k>/ and
+    checkpoints/<family>/seed<k>/<config hash>/, in its own MLflow run named "<family> (seed k)"
+    and tagged with the seed; the seed is part of the training's config, and of its weights."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_STAGE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(prepared_digits, paths.PREPARED)
+    params = parse_params(
+        {
+            "seeds": [0, 7],
+            "families": ["vae"],
+            "trainer": {"sample_every_n_epochs": 1000, "log_every_n_steps": 2},
+            "models": {"vae": tiny["vae"] | {"max_epochs": 1, "batch_size": 250}},
+            "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+        }
+    )
+    for seed in params.seeds:
+        train_stage.main(params, "vae", seed)
+
+    client = MlflowClient(params.tracking.uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    by_seed = {r.data.tags["seed"]: r for r in runs}
+    assert len(runs) == 2 and set(by_seed) == {"0", "7"}
+    data_sha256 = read_meta(paths.PREPARED).data_sha256
+    weights = {}
+    for seed in params.seeds:
+        run = by_seed[str(seed)]
+        assert run.info.run_name == run_name("vae", seed) == f"vae (seed {seed})"
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["family"] == "vae"
+        assert run.data.tags["dvc_stage"] == f"train@vae-{seed}"
+        assert run.data.params["seed"] == str(seed)
+        model_dir = paths.family_model_dir("vae", seed)
+        assert model_dir == Path("models") / "vae" / f"seed{seed}"
+        assert json.loads((model_dir / "run.json").read_text())["run_id"] == run.info.run_id
+        (ckpt_dir,) = paths.family_checkpoints("vae", seed).iterdir()
+        assert paths.family_checkpoints("vae", seed) == Path("checkpoints") / "vae" / f"seed{seed}"
+        config = params.training_config("vae", seed) | {"data_sha256": data_sha256}
+        assert ckpt_dir.name == config_hash(config) == run.data.tags["config_hash"]
+        weights[seed] = torch.load(model_dir / MODEL_FILE, weights_only=True)["state_dict"]
+    assert weights[0].keys() == weights[7].keys()
+    assert any(not torch.equal(weights[0][k], weights[7][k]) for k in weights[0])
+    # Each seed's run holds its own training curve: 4 steps, a point every 2.
+    for run in runs:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, v.TRAIN_LOSS)]
+        assert sorted(steps) == [1, 3], steps

@@ -38,7 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     score.add_argument(
-        "family", choices=sorted(MODELS), help="a trained family (models/<family>/model.ckpt)"
+        "family",
+        choices=sorted(MODELS),
+        help="a trained family (models/<family>/seed<k>/model.ckpt)",
     )
     score.add_argument("input", help="a folder of images, one image file or a .npy array of levels")
     score.add_argument("--out", metavar="FILE.csv", help="write the CSV here (default: stdout)")

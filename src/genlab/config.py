@@ -132,6 +132,10 @@ class EvaluatorParams(Strict):
     width: PositiveInt = 32
     feature_dim: PositiveInt = 128
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.2
+    # Training augmentation (random small rotations, scalings, shifts; all 0: none).
+    augment_degrees: Annotated[float, Field(ge=0, le=45)] = 10.0
+    augment_scale: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    augment_shift: Annotated[float, Field(ge=0, le=8)] = 1.0  # pixels
 
 
 class EvaluateParams(Strict):
@@ -149,7 +153,7 @@ class EvaluateParams(Strict):
     # mean, and their spread is the samples' part of every interval.
     sample_seeds: Annotated[int, Field(ge=2, le=100)] = 5
     # Bootstrap draws of the reference images: the reference's part of every interval.
-    bootstrap: Annotated[int, Field(ge=10, le=10000)] = 200
+    bootstrap: Annotated[int, Field(ge=10, le=10000)] = 100
     confidence: Annotated[float, Field(gt=0.5, lt=1)] = 0.95  # of every interval
     # The data-copying test C_T (Meehan et al. 2020): k-means cells of the training features,
     # and the least share of a set's samples a cell must hold to count.
@@ -330,6 +334,8 @@ def config_hash(config: dict[str, Any]) -> str:
 def _describe(error: dict[str, Any]) -> str:
     key = ".".join(str(part) for part in error["loc"]) or "(top level)"
     if error["type"] == "extra_forbidden":
+        if key == "seed":  # the one training seed of earlier versions
+            return "seed: unknown key; training seeds are a list now: seeds: [0]"
         return f"{key}: unknown key; remove it or check its spelling"
     if error["type"] == "missing":
         return f"{key}: required key is missing"

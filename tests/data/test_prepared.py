@@ -139,6 +139,22 @@ def test_datamodule_batches(prepared_digits: Path) -> None:
     # Validation and test keep the split order.
     val = torch.cat([y for _, y in dm.val_dataloader()])
     assert torch.equal(val, load_split(prepared_digits, "val").y)
+    test = torch.cat([y for _, y in dm.test_dataloader()])
+    assert torch.equal(test, load_split(prepared_digits, "test").y)
+
+
+def test_datamodule_fits_without_the_test_split(prepared_digits: Path, tmp_path: Path) -> None:
+    """Setting up for a fit reads train and validation only: with test.pt gone, both loaders
+    work; only asking for the test loader reads (and here fails on) the test split."""
+    prepared = tmp_path / "prepared"
+    shutil.copytree(prepared_digits, prepared)
+    (prepared / "test.pt").unlink()
+    dm = PreparedDataModule(prepared, batch_size=100, seed=0)
+    dm.setup("fit")
+    assert sum(len(y) for _, y in dm.train_dataloader()) == SIZES["train"]
+    assert sum(len(y) for _, y in dm.val_dataloader()) == SIZES["val"]
+    with pytest.raises(FileNotFoundError, match=r"test\.pt"):
+        dm.test_dataloader()
 
 
 def test_datamodule_training_order_is_seeded(prepared_digits: Path) -> None:

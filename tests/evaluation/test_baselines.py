@@ -3,8 +3,6 @@ the held-out real images by none, and both are measured like a family."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from genlab.config import EvaluateParams, RepresentationParams
@@ -17,11 +15,12 @@ from genlab.evaluation.report import Row, copying
 PARAMS = EvaluateParams(num_samples=200, sample_seeds=2, bootstrap=30, kid_subsets=10)
 
 
-@pytest.fixture(scope="module")
-def rows(trained_evaluator) -> dict[str, dict[str, float]]:
+def measure(trained_evaluator, params: EvaluateParams) -> dict[str, dict[str, float]]:
+    """The baselines stage's rows under `params`, the reference features computed here."""
     prepared = trained_evaluator.prepared_dir
-    extractor, protocol = measurement(PARAMS, trained_evaluator.path, read_meta(prepared))
+    extractor, protocol = measurement(params, trained_evaluator.path, read_meta(prepared))
     reference = compute_reference(prepared, extractor, protocol, batch_size=250)
+    assert (reference.heldout is None) == (params.split == "val")
     return baseline_metrics(
         prepared,
         reference=reference,
@@ -31,6 +30,11 @@ def rows(trained_evaluator) -> dict[str, dict[str, float]]:
         representation=RepresentationParams(),
         batch_size=250,
     )
+
+
+@pytest.fixture(scope="module")
+def rows(trained_evaluator) -> dict[str, dict[str, float]]:
+    return measure(trained_evaluator, PARAMS)
 
 
 def test_the_copycat_is_caught_by_every_memorisation_statistic(rows: dict) -> None:
@@ -70,20 +74,7 @@ def test_baseline_rows_carry_sample_metrics_with_intervals(rows: dict) -> None:
     assert real[v.class_acc("test")] > 0.5 and real[v.probe_acc("test")] > 0.8
 
 
-def test_tuning_on_validation_has_no_heldout_row(trained_evaluator, tmp_path: Path) -> None:
-    prepared = trained_evaluator.prepared_dir
-    tuning = PARAMS.model_copy(update={"split": "val"})
-    extractor, protocol = measurement(tuning, trained_evaluator.path, read_meta(prepared))
-    reference = compute_reference(prepared, extractor, protocol, batch_size=250)
-    assert reference.heldout is None
-    out = baseline_metrics(
-        prepared,
-        reference=reference,
-        protocol=protocol,
-        extractor=extractor,
-        evaluator_path=trained_evaluator.path,
-        representation=RepresentationParams(),
-        batch_size=250,
-    )
+def test_tuning_on_validation_has_no_heldout_row(trained_evaluator) -> None:
+    out = measure(trained_evaluator, PARAMS.model_copy(update={"split": "val"}))
     assert set(out) == {COPYCAT, REAL}
     assert v.class_acc("val") in out[REAL] and v.EXACT_COPIES not in out[REAL]

@@ -10,7 +10,9 @@ from genlab.data.prepared import load_split, read_meta
 from genlab.evaluation.evaluator import (
     FORMAT,
     Classifier,
+    EvaluatorResult,
     classifier_predictions,
+    evaluator_outputs,
     load_classifier,
     random_affine,
     save_evaluator,
@@ -80,6 +82,21 @@ def test_train_evaluator_writes_documented_file(trained_evaluator) -> None:
     assert blob["val_accuracy"] == result.val_accuracy
     assert result.val_accuracy > 0.3  # chance is 0.1
     assert result.num_params == sum(p.numel() for p in load_classifier(path).parameters())
+    # Training reports nothing about the test split (its accuracy is the baselines stage's).
+    assert EvaluatorResult._fields == ("val_accuracy", "num_params")
+
+
+def test_the_kept_weights_classify_unseen_test_images(trained_evaluator) -> None:
+    """What `test_accuracy` used to say, now measured where it is needed: the weights chosen on
+    validation classify the test images, which training never read, well above chance."""
+    path, _, prepared = trained_evaluator
+    test = load_split(prepared, "test")
+    predictions = classifier_predictions(path, test.x, batch_size=100)
+    assert predictions.dtype == torch.int64 and predictions.shape == test.y.shape
+    assert float((predictions == test.y).double().mean()) > 0.3  # chance is 0.1
+    # The predictions are the argmax of the evaluator's logits, batch size aside.
+    _, logits = evaluator_outputs(path, test.x)
+    assert torch.equal(predictions, logits.argmax(dim=1))
 
 
 def test_saved_weights_are_the_reported_ones(trained_evaluator) -> None:

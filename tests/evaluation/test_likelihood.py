@@ -15,6 +15,7 @@ from genlab.evaluation.likelihood import (
     per_image_nll,
     train_subset,
 )
+from genlab.models import MODELS
 from genlab.models.base import GenerativeModule, bits_per_dim, bpd_key, nll_key
 from genlab.models.diffusion import Diffusion
 from genlab.models.vae import VAE
@@ -81,6 +82,14 @@ def test_metric_names_say_whether_they_are_bounds() -> None:
     assert bpd_key("test", "exact") == "test/bpd"
     assert nll_key("val", "lower_bound") == "val/nll_bound_nats"
     assert bpd_key("val", "lower_bound") == "val/bpd_bound"
+    # A conditional marginal of noisy per-class bound terms is an estimate, and says so.
+    assert v.nll_key("test", "lower_bound", marginal=True) == "test/marginal_nll_bound_nats"
+    estimate = {"marginal": True, "estimate": True}
+    assert v.nll_key("test", "lower_bound", **estimate) == "test/marginal_nll_estimate_nats"
+    assert v.bpd_key("test", "lower_bound", **estimate) == "test/marginal_bpd_estimate"
+    assert v.nll_key("test", "exact", **estimate) == "test/marginal_nll_nats"  # exact is exact
+    assert v.se(nll_key("test", "exact")) == "test/nll_nats_se"
+    assert v.single_draw_key("val") == "val/nll_bound_k1_nats"
 
 
 def test_heldout_nll_sums_then_divides() -> None:
@@ -147,6 +156,67 @@ def test_the_gap_is_heldout_minus_as_many_training_images() -> None:
     memoriser.logits = torch.full_like(memoriser.logits, -10.0).scatter_(0, seen.x[:1].long(), 10.0)
     gap = likelihood_metrics(memoriser, heldout, split="test", train=seen, batch_size=4, seed=0)
     assert gap[v.NLL_GAP] > 0
+
+
+@pytest.mark.parametrize(
+    ("family", "draws_tighten"), [("vae", True), ("flow", True), ("diffusion", False)]
+)
+def test_bound_metrics_are_per_image_bounds_with_their_standard_errors(
+    family: str, draws_tighten: bool, tiny: dict
+) -> None:
+    """Each number is the mean of `per_image_nll` with the family's `eval_samples` (the k1
+    bound: with one draw), its `_se` the sd over images / sqrt(n); the k1 bound only where the
+    draws are importance draws (`monte_carlo == "importance"`), and the gap with the same
+    estimator on as many training images as `train_subset` draws."""
+    torch.manual_seed(0)
+    kwargs = tiny[family] | ({"eval_samples": 4} if family == "vae" else {})
+    model = MODELS[family](image_shape=(1, 8, 8), levels=17, num_classes=10, **kwargs)
+    assert model.likelihood == "lower_bound" and model.eval_samples > 1
+    assert (model.monte_carlo == "importance") is draws_tighten
+    heldout, train = random_split(6, (1, 8, 8), 17, 1), random_split(20, (1, 8, 8), 17, 2)
+    kw = {"batch_size": 4, "seed": 2}
+    metrics = likelihood_metrics(model, heldout, split="val", train=train, **kw)
+
+    def mean_and_se(split: Split, samples: int) -> tuple[float, float]:
+        nats = per_image_nll(model, split, samples=samples, **kw)
+        return float(nats.mean()), float(nats.std() / math.sqrt(len(nats)))
+
+    nll, bpd = v.nll_key("val", "lower_bound"), v.bpd_key("val", "lower_bound")
+    mean, error = mean_and_se(heldout, model.eval_samples)
+    assert metrics[nll] == pytest.approx(mean, rel=1e-12)
+    assert metrics[v.se(nll)] == pytest.approx(error, rel=1e-9)
+    assert metrics[bpd] == pytest.approx(mean / (64 * math.log(2)), rel=1e-12)
+    assert metrics[v.se(bpd)] == pytest.approx(error / (64 * math.log(2)), rel=1e-9)
+    assert error > 0
+    k1 = v.single_draw_key("val")
+    if draws_tighten:
+        single, single_error = mean_and_se(heldout, 1)
+        assert metrics[k1] == pytest.approx(single, rel=1e-12)
+        assert metrics[v.se(k1)] == pytest.approx(single_error, rel=1e-9)
+    else:
+        assert k1 not in metrics and v.se(k1) not in metrics
+    seen, seen_error = mean_and_se(train_subset(train, 6, 2), model.eval_samples)
+    assert metrics[v.NLL_GAP] == pytest.approx(mean - seen, rel=1e-9)
+    assert metrics[v.se(v.NLL_GAP)] == pytest.approx(math.hypot(error, seen_error), rel=1e-9)
+    keys = {nll, bpd, v.NLL_GAP} | ({k1} if draws_tighten else set())
+    assert set(metrics) == keys | {v.se(k) for k in keys}
+
+
+def test_train_subset_is_a_seeded_draw_without_replacement() -> None:
+    train = random_split(20, (1, 8, 8), 17, 2)
+    a = train_subset(train, 5, 3)
+    assert torch.equal(a.x, train_subset(train, 5, 3).x) and torch.equal(
+        a.y, train_subset(train, 5, 3).y
+    )
+    assert not torch.equal(a.x, train_subset(train, 5, 4).x)
+    rows = {tuple(x.flatten().tolist()): int(y) for x, y in zip(train.x, train.y, strict=True)}
+    assert all(rows[tuple(x.flatten().tolist())] == int(y) for x, y in zip(a.x, a.y, strict=True))
+    # A held-out split larger than train: every training image once.
+    every = train_subset(train, 50, 0)
+    assert len(every) == 20
+    assert sorted(map(tuple, every.x.flatten(1).tolist())) == sorted(
+        map(tuple, train.x.flatten(1).tolist())
+    )
 
 
 def test_heldout_nll_of_the_vae_is_seeded(tiny_vae_kwargs: dict) -> None:

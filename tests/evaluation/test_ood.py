@@ -5,7 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from genlab.evaluation.ood import auroc, calibrate_threshold, ood_sets, statistic
+from genlab.evaluation import vocabulary as v
+from genlab.evaluation.intervals import auroc_estimate, wilson
+from genlab.evaluation.ood import (
+    auroc,
+    calibrate,
+    calibrate_threshold,
+    ood_metrics,
+    ood_sets,
+    statistic,
+)
 
 NAMES = ["noise", "inverted", "hflip", "vflip", "rot90", "natural"]
 
@@ -70,3 +79,48 @@ def test_typicality_penalises_both_tails() -> None:
     typ = statistic(log_px, -60.0, "typicality")
     assert typ[1] > typ[0] and typ[0] == typ[2]
     assert torch.equal(statistic(log_px, -60.0, "likelihood"), log_px)
+
+
+def test_ood_metrics_carry_delong_and_wilson_intervals() -> None:
+    """Per set: both AUROCs with DeLong intervals inside [0, 1] (float64: a perfect separation is
+    exactly 1, never 1.0000001) and the flagged share with its Wilson interval; the held-out
+    false-positive rate (`ood/fpr`) likewise, at the threshold calibrated on validation."""
+    g = torch.Generator().manual_seed(0)
+    val = torch.randn(200, generator=g, dtype=torch.float64) - 50
+    heldout = torch.randn(150, generator=g, dtype=torch.float64) - 50
+    sets = {
+        "noise": torch.randn(150, generator=g, dtype=torch.float64) - 500,  # far below
+        "hflip": torch.randn(120, generator=g, dtype=torch.float64) - 51,  # overlapping
+    }
+    calibration = calibrate(val, "likelihood", 0.1)
+    metrics = ood_metrics(heldout, sets, calibration, confidence=0.9)
+
+    def interval(key: str) -> tuple[float, float, float]:
+        return metrics[key], metrics[v.ci_low(key)], metrics[v.ci_high(key)]
+
+    keys = {v.OOD_FPR, v.OOD_THRESHOLD}
+    for name in sets:
+        keys |= {v.auroc(name), v.auroc(name, typicality=True), v.detected(name)}
+    assert set(metrics) == keys | {
+        f(k) for k in keys - {v.OOD_THRESHOLD} for f in (v.ci_low, v.ci_high)
+    }
+    assert metrics[v.OOD_THRESHOLD] == calibration.threshold
+    assert interval(v.auroc("noise")) == (1.0, 1.0, 1.0)
+    for name, outside in sets.items():
+        assert interval(v.auroc(name)) == tuple(auroc_estimate(heldout, outside, confidence=0.9))
+        typical = auroc_estimate(
+            statistic(heldout, calibration.reference_mean, "typicality"),
+            statistic(outside, calibration.reference_mean, "typicality"),
+            confidence=0.9,
+        )
+        assert interval(v.auroc(name, typicality=True)) == tuple(typical)
+        flagged = int((outside < calibration.threshold).sum())
+        assert interval(v.detected(name)) == tuple(wilson(flagged, len(outside), confidence=0.9))
+        for key in (v.auroc(name), v.auroc(name, typicality=True), v.detected(name)):
+            low, high = metrics[v.ci_low(key)], metrics[v.ci_high(key)]
+            assert 0.0 <= low <= metrics[key] <= high <= 1.0, key
+    overlapping = v.auroc("hflip")
+    assert metrics[v.ci_low(overlapping)] < metrics[overlapping] < metrics[v.ci_high(overlapping)]
+    fp = int((heldout < calibration.threshold).sum())
+    assert interval(v.OOD_FPR) == tuple(wilson(fp, len(heldout), confidence=0.9))
+    assert 0 < fp < len(heldout)

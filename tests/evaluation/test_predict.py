@@ -13,6 +13,8 @@ from genlab.config import EvaluateParams, PredictionParams
 from genlab.data.prepared import load_split, read_meta
 from genlab.evaluation import vocabulary as v
 from genlab.evaluation.evaluate import prediction_metrics
+from genlab.evaluation.intervals import auroc_estimate, wilson
+from genlab.evaluation.ood import ood_sets
 from genlab.evaluation.predict import accuracy, log_prior, posterior, score_images, scorer
 from genlab.models import MODELS
 from genlab.models.base import GenerativeModule
@@ -115,6 +117,36 @@ def test_exact_model_tells_digits_from_noise(prepared_digits: Path) -> None:
         assert 0.0 <= metrics[v.ci_low(key)] <= metrics[key] <= metrics[v.ci_high(key)] <= 1.0
     assert v.class_acc("test") not in metrics  # unconditional: no classifier
 
+    # The intervals are the rules of intervals.py applied to the scores: DeLong for the AUROC,
+    # Wilson for the rates of flagged images (out of the set's, or the held-out split's, size).
+    protocol = EvaluateParams()
+    kw = {"log_prior": torch.zeros(1), "samples": 1, "batch_size": 250, "seed": protocol.seed}
+    test = splits["test"]
+    heldout = score_images(model, test.x, **kw).log_px
+    (noise,) = ood_sets(["noise"], test.x, meta.levels, protocol.seed).values()
+    expected = auroc_estimate(heldout, score_images(model, noise, **kw).log_px, confidence=0.95)
+    key = v.auroc("noise")
+    assert (metrics[key], metrics[v.ci_low(key)], metrics[v.ci_high(key)]) == tuple(expected)
+    n = len(test)
+    for key, rate in ((v.detected("noise"), 1.0), (v.OOD_FPR, metrics[v.OOD_FPR])):
+        expected = wilson(round(rate * n), n, confidence=0.95)
+        assert (metrics[key], metrics[v.ci_low(key)], metrics[v.ci_high(key)]) == pytest.approx(
+            tuple(expected), rel=1e-12
+        )
+    assert metrics[v.ci_low(v.detected("noise"))] < 1.0 == metrics[v.ci_high(v.detected("noise"))]
+    # A lower confidence: the same values inside narrower intervals.
+    narrow = prediction_metrics(
+        model, splits, heldout="test", params=params, protocol=EvaluateParams(confidence=0.8)
+    )
+    for key in (v.auroc("noise"), v.auroc("natural", typicality=True), v.OOD_FPR):
+        assert narrow[key] == metrics[key]
+        assert metrics[v.ci_low(key)] <= narrow[v.ci_low(key)]
+        assert narrow[v.ci_high(key)] <= metrics[v.ci_high(key)]
+        width = metrics[v.ci_high(key)] - metrics[v.ci_low(key)]
+        # (DeLong's variance is 0 at a perfect separation: that interval is the point.)
+        assert narrow[v.ci_high(key)] - narrow[v.ci_low(key)] < width or width == 0
+    assert metrics[v.OOD_FPR] > 0 and narrow[v.ci_high(v.OOD_FPR)] < metrics[v.ci_high(v.OOD_FPR)]
+
 
 def test_conditional_exact_model_classifies_and_reports_the_marginal(prepared_digits: Path) -> None:
     meta = read_meta(prepared_digits)
@@ -133,6 +165,12 @@ def test_conditional_exact_model_classifies_and_reports_the_marginal(prepared_di
     acc = v.class_acc("test")
     assert metrics[acc] > 0.8
     assert metrics[v.ci_low(acc)] < metrics[acc] < metrics[v.ci_high(acc)]
+    # Wilson's interval of the count of correctly classified test images.
+    correct = round(metrics[acc] * len(test))
+    expected = wilson(correct, len(test), confidence=0.95)
+    assert (metrics[acc], metrics[v.ci_low(acc)], metrics[v.ci_high(acc)]) == pytest.approx(
+        tuple(expected), rel=1e-12
+    )
     prior = log_prior(train.y, meta.num_classes)
     joint = (
         torch.stack([model.log_prob(test.x, torch.full((len(test),), k)) for k in range(10)], 1)
@@ -145,6 +183,10 @@ def test_conditional_exact_model_classifies_and_reports_the_marginal(prepared_di
     assert metrics[v.se(key)] == pytest.approx(float(per_image.std() / math.sqrt(len(test))))
     bpd = v.bpd_key("test", "exact", marginal=True)
     assert metrics[bpd] == pytest.approx(float(marginal) / (64 * math.log(2)))
+    assert metrics[v.se(bpd)] == pytest.approx(metrics[v.se(key)] / (64 * math.log(2)))
+    # An exact likelihood's marginal is exact: neither a bound nor an estimate by name.
+    for estimate in (False, True):
+        assert v.nll_key("test", "lower_bound", marginal=True, estimate=estimate) not in metrics
 
 
 def test_energy_model_scores_with_its_energy(tiny: dict[str, dict]) -> None:
@@ -247,3 +289,9 @@ def test_the_conditional_marginal_is_a_bound_or_an_estimate_as_the_draws_say(
     assert key in metrics and v.se(key) in metrics
     other = v.nll_key("test", "lower_bound", marginal=True, estimate=not estimate)
     assert other not in metrics
+    bpd = v.bpd_key("test", "lower_bound", marginal=True, estimate=estimate)
+    assert metrics[bpd] == pytest.approx(metrics[key] / (64 * math.log(2)))
+    assert metrics[v.se(bpd)] == pytest.approx(metrics[v.se(key)] / (64 * math.log(2)))
+    assert v.bpd_key("test", "lower_bound", marginal=True, estimate=not estimate) not in metrics
+    # The name says which: "estimate" for terms of one bound, "bound" for importance draws.
+    assert ("estimate" in key) is estimate and ("bound" in key) is not estimate

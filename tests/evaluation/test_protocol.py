@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -28,7 +27,7 @@ from genlab.config import EvaluateParams, parse_params
 from genlab.data.prepared import load_split, read_meta
 from genlab.errors import ConfigError, DataError, GenlabError
 from genlab.evaluation import vocabulary as v
-from genlab.evaluation.evaluator import Classifier, save_evaluator
+from genlab.evaluation.evaluator import Classifier
 from genlab.evaluation.features import EXTRACTOR_NAME, extract_features
 from genlab.evaluation.protocol import (
     Protocol,
@@ -69,15 +68,6 @@ def images_seen() -> Iterator[ImagesSeen]:
     handle = nn.modules.module.register_module_forward_hook(seen)
     yield seen
     handle.remove()
-
-
-@pytest.fixture(scope="module")
-def random_evaluator(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    net = Classifier(in_channels=1, levels=17, num_classes=10, width=8, feature_dim=16)
-    path = tmp_path_factory.mktemp("random-evaluator") / "evaluator.pt"
-    save_evaluator(path, net, val_accuracy=0.1, dataset_sha256="none")
-    return path
 
 
 # ---------------------------------------------------------------- the protocol
@@ -190,17 +180,9 @@ def test_reference_round_trip_and_errors(
 
 
 def test_reference_is_computed_once_and_reused_by_evaluate_baselines_and_report(
-    trained_evaluator,
-    tiny: dict,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    images_seen: ImagesSeen,
+    project_dir: Path, tiny: dict, images_seen: ImagesSeen
 ) -> None:
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.chdir(tmp_path)
-    shutil.copytree(trained_evaluator.prepared_dir, paths.PREPARED)
-    paths.EVALUATOR.parent.mkdir()
-    shutil.copy(trained_evaluator.path, paths.EVALUATOR)
+    tmp_path = project_dir
     protocol_params = {
         "num_samples": 100,
         "sample_seeds": 2,

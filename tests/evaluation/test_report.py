@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
@@ -305,14 +304,8 @@ def test_every_figure_is_a_png_and_grids_handle_missing_files(tmp_path: Path) ->
     assert not list((tmp_path / "figures").glob(".*"))  # no temporary files left
 
 
-def test_stage_reads_json_and_writes_summary_and_figures(
-    trained_evaluator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.chdir(tmp_path)
-    shutil.copytree(trained_evaluator.prepared_dir, paths.PREPARED)
-    paths.EVALUATOR.parent.mkdir()
-    shutil.copy(trained_evaluator.path, paths.EVALUATOR)
+def test_stage_reads_json_and_writes_summary_and_figures(project_dir: Path) -> None:
+    tmp_path = project_dir
     params = make_params(tracking={"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})
     _, protocol = measurement(params.evaluate, paths.EVALUATOR, read_meta(paths.PREPARED))
     record = {"protocol": protocol.as_dict()}

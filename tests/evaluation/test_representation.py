@@ -19,6 +19,7 @@ from genlab.evaluation.representation import (
     interpolation_pairs,
     latents,
     linear_probe,
+    probe_metrics,
     represent,
     slerp,
     traversal_grid,
@@ -244,3 +245,19 @@ def test_represent_reports_a_probe_accuracy_and_grids(
         assert out.traversal is not None and out.traversal.shape == grid_size(2, 3, h, w)
     else:
         assert out.traversal is None
+
+
+def test_probe_metrics_name_the_split_and_widen_with_the_confidence() -> None:
+    """The probe's accuracy on n held-out images: named after the split it was measured on
+    (`val` when tuning), with Wilson's interval at the protocol's confidence."""
+    narrow = probe_metrics(0.8, 50, "val", 0.8)
+    wide = probe_metrics(0.8, 50, "val", 0.99)
+    key = v.probe_acc("val")
+    assert set(narrow) == set(wide) == {key, v.ci_low(key), v.ci_high(key)}
+    assert narrow[key] == wide[key] == 0.8
+    assert wide[v.ci_low(key)] < narrow[v.ci_low(key)] < 0.8 < narrow[v.ci_high(key)]
+    assert narrow[v.ci_high(key)] < wide[v.ci_high(key)]
+    expected = wilson(40, 50, confidence=0.8)
+    assert (narrow[v.ci_low(key)], narrow[v.ci_high(key)]) == (expected.low, expected.high)
+    perfect = probe_metrics(1.0, 50, "test", 0.95)
+    assert perfect[v.ci_high(v.probe_acc("test"))] == 1.0 > perfect[v.ci_low(v.probe_acc("test"))]

@@ -17,11 +17,9 @@ from genlab.data.prepared import load_split, read_meta
 from genlab.evaluation import sample_metrics as sm
 from genlab.evaluation import vocabulary as v
 from genlab.evaluation.evaluator import (
-    Classifier,
     classifier_predictions,
     evaluator_outputs,
     load_classifier,
-    save_evaluator,
 )
 from genlab.evaluation.features import (
     EXTRACTOR_NAME,
@@ -34,16 +32,6 @@ from genlab.evaluation.features import (
 from genlab.evaluation.protocol import measurement
 
 PARAMS = EvaluateParams(kid_subsets=20, sample_seeds=2, bootstrap=20)
-
-
-@pytest.fixture(scope="module")
-def random_evaluator(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An untrained classifier in the real file format: enough where training does not matter."""
-    torch.manual_seed(0)
-    net = Classifier(in_channels=1, levels=17, num_classes=10, width=8, feature_dim=16)
-    path = tmp_path_factory.mktemp("random-evaluator") / "evaluator.pt"
-    save_evaluator(path, net, val_accuracy=0.1, dataset_sha256="none")
-    return path
 
 
 @pytest.fixture(scope="module")

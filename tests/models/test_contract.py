@@ -6,11 +6,13 @@ Each family is built from its params defaults, shrunk by the `tiny` overrides of
 from __future__ import annotations
 
 import io
+from typing import get_args
 
 import pytest
 import torch
 
 from genlab.config import family_params_model, parse_params
+from genlab.evaluation.vocabulary import MonteCarlo
 from genlab.models import MODELS, GenerativeModule
 
 SHAPE = (1, 8, 8)
@@ -56,6 +58,9 @@ def test_likelihood_kind_is_declared(family: str) -> None:
     assert issubclass(cls, GenerativeModule)
     assert cls.likelihood in ("exact", "lower_bound", "none")
     assert isinstance(cls.has_latent, bool)
+    # What a bound's Monte Carlo draws are: importance draws (more tighten the bound, and the
+    # single-draw bound is reported too) or terms of one bound (diffusion's timesteps).
+    assert cls.monte_carlo in get_args(MonteCarlo)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

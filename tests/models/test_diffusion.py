@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
+from genlab.evaluation import vocabulary as v
 from genlab.models.diffusion import (
     Diffusion,
     discretized_gaussian_log_prob,
@@ -332,8 +333,8 @@ def test_lightning_checkpoint_round_trip_and_ema(fit_and_reload, conditional: bo
     model = make_model(randomize=False, conditional=conditional).train()
     x, y = images(32)
     trainer, loaded = fit_and_reload(model, x, y)
-    assert torch.isfinite(trainer.callback_metrics["val/nll_bound_nats"])
-    assert torch.isfinite(trainer.callback_metrics["val/bpd_bound"])
+    assert torch.isfinite(trainer.callback_metrics[v.nll_key("val", "lower_bound")])
+    assert torch.isfinite(trainer.callback_metrics[v.bpd_key("val", "lower_bound")])
     # One EMA update per optimizer step, and the averaged weights are not the raw ones.
     assert int(model.ema.n_averaged) == trainer.global_step == 4
     raw = dict(model.net.named_parameters())

@@ -12,6 +12,7 @@ from torch import nn
 from torch.autograd.functional import jacobian
 from torch.distributions import Normal
 
+from genlab.evaluation import vocabulary as v
 from genlab.models.flow import (
     ActNorm,
     AffineCoupling,
@@ -312,8 +313,8 @@ def test_encode_is_the_latent_of_the_bin_centre_and_decode_inverts_it() -> None:
     z = model.encode(x)
     assert z.shape == (5, math.prod(SHAPE))
     torch.testing.assert_close(z, model.encode(x))
-    v = model.flow.inverse(z.view(5, *model.flow.latent_shape))
-    torch.testing.assert_close(v, x.double() + 0.5, atol=1e-6, rtol=0)
+    centre = model.flow.inverse(z.view(5, *model.flow.latent_shape))
+    torch.testing.assert_close(centre, x.double() + 0.5, atol=1e-6, rtol=0)
     assert torch.equal(model.decode(z), x)
 
 
@@ -358,8 +359,8 @@ def test_lightning_checkpoint_round_trip(
     model = make_flow(conditional=conditional, dequantization=dequantization)
     x, y = images(16)
     trainer, loaded = fit_and_reload(model, x, y)
-    assert torch.isfinite(trainer.callback_metrics["train/loss"])
-    assert torch.isfinite(trainer.callback_metrics["val/nll_bound_nats"])
+    assert torch.isfinite(trainer.callback_metrics[v.TRAIN_LOSS])
+    assert torch.isfinite(trainer.callback_metrics[v.nll_key("val", "lower_bound")])
     actnorms = [m for m in model.modules() if isinstance(m, ActNorm)]
     assert actnorms and all(m.initialized for m in actnorms)
 

@@ -7,6 +7,7 @@ import itertools
 import pytest
 import torch
 
+from genlab.evaluation import vocabulary as v
 from genlab.models.pixelcnn import PixelCNN
 
 SHAPE = (1, 8, 8)
@@ -61,7 +62,7 @@ def test_each_output_depends_on_exactly_the_inputs_before_it(
     model.double()
     x = torch.rand(1, *shape, dtype=torch.float64) * 2 - 1  # scaled input, (1, C, H, W)
     y = torch.tensor([3]) if conditional else None
-    jac = torch.autograd.functional.jacobian(lambda v: model.net(v, y), x, vectorize=True)
+    jac = torch.autograd.functional.jacobian(lambda inp: model.net(inp, y), x, vectorize=True)
     jac = jac[0].abs().sum(0)[..., 0, :, :, :]  # (C, H, W) outputs x (C, H, W) inputs
     positions = order(shape)
     depends = torch.tensor([[bool(jac[i][j] != 0) for j in positions] for i in positions])
@@ -247,9 +248,9 @@ def test_lightning_fit_and_checkpoint_round_trip(fit_and_reload, conditional: bo
     model = make(conditional=conditional).train()
     x, y = images(16)
     trainer, loaded = fit_and_reload(model, x, y)
-    assert torch.isfinite(trainer.callback_metrics["train/loss"])
-    assert torch.isfinite(trainer.callback_metrics["val/nll_nats"])
-    assert torch.isfinite(trainer.callback_metrics["val/bpd"])
+    assert torch.isfinite(trainer.callback_metrics[v.TRAIN_LOSS])
+    assert torch.isfinite(trainer.callback_metrics[v.nll_key("val", "exact")])
+    assert torch.isfinite(trainer.callback_metrics[v.bpd_key("val", "exact")])
     assert loaded.conditional is conditional
     labels = y if conditional else None
     with torch.no_grad():

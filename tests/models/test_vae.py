@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.distributions import Categorical, Normal, kl_divergence
 
+from genlab.evaluation import vocabulary as v
 from genlab.models.vae import VAE, conv_sizes
 
 SHAPE = (1, 8, 8)
@@ -156,8 +157,8 @@ def test_lightning_checkpoint_round_trip(
     x, y = images(16)
     trainer, loaded = fit_and_reload(model, x, y)
     # The validation hooks ran and logged the bound under its bound-named keys.
-    assert torch.isfinite(trainer.callback_metrics["val/nll_bound_nats"])
-    assert torch.isfinite(trainer.callback_metrics["val/bpd_bound"])
+    assert torch.isfinite(trainer.callback_metrics[v.nll_key("val", "lower_bound")])
+    assert torch.isfinite(trainer.callback_metrics[v.bpd_key("val", "lower_bound")])
 
     assert loaded.conditional is conditional
     labels = y if conditional else None

@@ -71,31 +71,35 @@ def generate(
     shard: Shard = ONE_PROCESS,
     **sampler: object,
 ) -> Generated | None:
-    """`protocol.sample_seeds` independent sets of `protocol.num_samples` samples, in batches of
-    `batch_size`; batch b of set s is drawn from a generator seeded by (protocol.seed, s, b), so
-    the samples are the same however many processes share the batches (`shard`). Rank 0 gets
-    them all, in order; other ranks None. `sampler` settings (e.g. a diffusion model's
-    ``sampler="ddpm"``) go to every `sample` call."""
+    """`protocol.sample_seeds` independent sets of `protocol.num_samples` samples each.
+
+    The S sets are consecutive stretches of one stream of S x N samples drawn in full batches of
+    `batch_size` (a set's last batch does not stop short: PixelCNN and diffusion pay per batch,
+    whatever its size), batch b from a generator seeded by (protocol.seed, b), so the samples
+    are the same however many processes share the batches (`shard`). Samples are independent
+    draws, so the sets are independent sets. A conditional set asks for the balanced classes
+    (0, 1, ..., K-1, 0, ...), the same in every set. Rank 0 gets them all, in order; other ranks
+    None. `sampler` settings (e.g. a diffusion model's ``sampler="ddpm"``) go to every `sample`
+    call."""
     model.eval()
-    n = protocol.num_samples
+    n, sets = protocol.num_samples, protocol.sample_seeds
     labels = evaluation_labels(model, n)
-    per_set = -(-n // batch_size)
+    stream = None if labels is None else labels.repeat(sets)  # (S * N,)
+    total = n * sets
     mine = {}
     start = time.perf_counter()
-    for j in shard.batches(protocol.sample_seeds * per_set):
-        s, b = divmod(j, per_set)
+    for b in shard.batches(-(-total // batch_size)):
         i = b * batch_size
-        size = min(batch_size, n - i)
-        y = None if labels is None else labels[i : i + size]
-        generator = torch.Generator().manual_seed(derived_seed(protocol.seed, s, b))
-        mine[j] = model.sample(size, y, generator=generator, **sampler).cpu()
+        size = min(batch_size, total - i)
+        y = None if stream is None else stream[i : i + size]
+        generator = torch.Generator().manual_seed(derived_seed(protocol.seed, b))
+        mine[b] = model.sample(size, y, generator=generator, **sampler).cpu()
     batches = shard.gather(mine)
     seconds = time.perf_counter() - start
     if batches is None:
         return None
-    sets = [
-        torch.cat(batches[s * per_set : (s + 1) * per_set]) for s in range(protocol.sample_seeds)
-    ]
+    samples = torch.cat(batches)  # (S * N, C, H, W)
+    sets = list(samples.split(n))
     return Generated(sets, labels, seconds)
 
 
@@ -138,8 +142,8 @@ def prediction_metrics(
         key = v.class_acc(heldout)
         out |= {key: result.value, v.ci_low(key): result.low, v.ci_high(key): result.high}
         if model.likelihood != "none":
-            estimate = model.likelihood == "lower_bound" and model.monte_carlo == "terms"
-            names = {"marginal": True, "estimate": estimate}
+            names = {"marginal": True}
+            names["estimate"] = v.marginal_is_estimate(model.likelihood, model.monte_carlo)
             nats, error = mean_and_se(-scored.log_px)
             nll = v.nll_key(heldout, model.likelihood, **names)
             bpd = v.bpd_key(heldout, model.likelihood, **names)

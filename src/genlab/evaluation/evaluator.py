@@ -248,6 +248,9 @@ def train_evaluator(
         feature_dim=params.feature_dim,
         dropout=params.dropout,
         lr=params.lr,
+        augment_degrees=params.augment_degrees,
+        augment_scale=params.augment_scale,
+        augment_shift=params.augment_shift,
     )
     data = PreparedDataModule(prepared_dir, batch_size=params.batch_size, seed=seed)
     # `deterministic=True` switches torch-wide flags and Lightning never switches them back; a

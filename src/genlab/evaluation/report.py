@@ -151,8 +151,9 @@ class Row:
         c = self.capabilities
         if c is None or c.likelihood == "none":
             return None
-        estimate = c.conditional and c.likelihood == "lower_bound" and c.monte_carlo == "terms"
-        return v.nll_key(self.split, c.likelihood, marginal=c.conditional, estimate=estimate)
+        if c.conditional:
+            return v.marginal_nll_key(self.split, c.likelihood, c.monte_carlo)
+        return v.nll_key(self.split, c.likelihood)
 
 
 def seeds_interval(values: Sequence[float], confidence: float) -> Estimate:

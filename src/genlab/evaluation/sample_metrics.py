@@ -238,6 +238,13 @@ class _Reference:
         counts = torch.bincount(index, minlength=self.x.shape[0]).double()
         # Positions a != b of the draw; copies of one image at two positions are such a pair.
         pairs = counts @ self.kernel @ counts - (counts * self.kernel.diagonal()).sum()
+        by_class = {}
+        if self.y is not None:
+            y = self.y[index]
+            for c in y.unique().tolist():
+                xc = x[y == c]
+                if len(xc) >= 2:
+                    by_class[c] = (xc.mean(dim=0), _covariance(xc))
         return _Draw(
             index=index,
             counts=counts,
@@ -245,8 +252,7 @@ class _Reference:
             cov=_covariance(x),
             kernel_rr=pairs / (m * (m - 1)),
             radii=knn_radii(self.distances[index][:, index], self.k),
-            x=x,
-            y=None if self.y is None else self.y[index],
+            by_class=by_class,
         )
 
 
@@ -260,8 +266,7 @@ class _Draw:
     cov: Tensor  # (D, D)
     kernel_rr: Tensor  # KID's reference term
     radii: Tensor  # (M,) k-NN radii within the draw
-    x: Tensor  # (M, D)
-    y: Tensor | None  # (M,)
+    by_class: dict[int, tuple[Tensor, Tensor]]  # class -> mean, covariance (>= 2 rows drawn)
 
 
 class _Set:
@@ -277,12 +282,8 @@ class _Set:
         self.kernel_gg = _offdiagonal_mean(_kernel(x, x))
         self.d_gr = torch.cdist(x, ref.x)  # (N, M)
         self.radii = knn_radii(torch.cdist(x, x), ref.k)  # (N,)
-        # The classes with at least two samples (conditional sets): those per-class FID covers.
-        self.by_class: dict[int, int] = {}
-        if labels is not None:
-            for c in range(classes):
-                if int((labels == c).sum()) >= 2:
-                    self.by_class[c] = int((labels == c).sum())
+        # Per class with at least two samples (conditional sets): mean, trace, factor.
+        self.by_class = {} if labels is None else _class_stats(x, labels, classes)
 
     def against(self, draw: _Draw) -> dict[str, float]:
         """The metrics of this set against a bootstrap draw of the reference."""
@@ -293,7 +294,7 @@ class _Set:
         out |= manifold_metrics(self.d_gr[:, draw.index], self.radii, draw.radii, self.ref.k)
         out[v.F_SCORE] = _f_score(out[v.PRECISION], out[v.RECALL])
         if self.by_class:
-            out[v.CLASS_FID_MEAN] = _class_fid_mean(self.x, self.labels, draw, self.by_class)
+            out[v.CLASS_FID_MEAN] = _class_fid_mean(self.by_class, draw)
         return out
 
     def resampled(self, index: Tensor, draw: _Draw) -> dict[str, float]:
@@ -313,21 +314,30 @@ class _Set:
         out |= manifold_metrics(self.d_gr[index][:, draw.index], radii, draw.radii, self.ref.k)
         out[v.F_SCORE] = _f_score(out[v.PRECISION], out[v.RECALL])
         if self.by_class:
-            out[v.CLASS_FID_MEAN] = _class_fid_mean(x, self.labels[index], draw, self.by_class)
+            stats = _class_stats(x, self.labels[index], max(self.by_class) + 1)
+            same = stats.keys() == self.by_class.keys()
+            out[v.CLASS_FID_MEAN] = _class_fid_mean(stats, draw) if same else math.nan
         return out
 
 
-def _class_fid_mean(x: Tensor, labels: Tensor, draw: _Draw, classes: dict[int, object]) -> float:
-    """Mean per-class FID of generated rows x (labels (N,)) against a reference draw, over the
-    classes the full sets have; nan when a class has fewer than two rows on either side."""
+def _class_stats(x: Tensor, labels: Tensor, classes: int) -> dict[int, tuple[Tensor, ...]]:
+    """Per class with at least two rows: mean, covariance trace and factor of its rows."""
+    out = {}
+    for c in range(classes):
+        xc = x[labels == c]
+        if len(xc) >= 2:
+            out[c] = (xc.mean(dim=0), _covariance(xc).diagonal().sum(), _factor(xc))
+    return out
+
+
+def _class_fid_mean(stats: dict[int, tuple[Tensor, ...]], draw: _Draw) -> float:
+    """Mean per-class FID of generated class statistics against a reference draw; nan when a
+    class has fewer than two rows in the draw."""
     fids = []
-    for c in classes:
-        xg, xr = x[labels == c], draw.x[draw.y == c]
-        if len(xg) < 2 or len(xr) < 2:
+    for c, (mean, trace, factor) in stats.items():
+        if c not in draw.by_class:
             return math.nan
-        mean, cov = xg.mean(dim=0), _covariance(xg)
-        trace = cov.diagonal().sum()
-        fids.append(float(_frechet(mean, trace, _factor(xg), xr.mean(dim=0), _covariance(xr))))
+        fids.append(float(_frechet(mean, trace, factor, *draw.by_class[c])))
     return float(np.mean(fids))
 
 

@@ -33,6 +33,9 @@ Better = Literal["lower", "higher"]
 # classes of noisy per-class estimates is biased low: an estimate, not a bound).
 MonteCarlo = Literal["importance", "terms"]
 
+# The key of a metrics file that holds the protocol it was measured under (not a metric).
+PROTOCOL = "protocol"
+
 # ---------------------------------------------------------------- sample metrics (eval/)
 
 FID = "eval/fid"
@@ -114,6 +117,18 @@ def bpd_key(
     if likelihood == "exact":
         return f"{split}/{name}"
     return f"{split}/{name}_{'estimate' if estimate else 'bound'}"
+
+
+def marginal_is_estimate(likelihood: Likelihood, monte_carlo: MonteCarlo) -> bool:
+    """Whether a conditional family's marginal -log sum_y p(x|y) p(y) is only an estimate: a
+    bound whose draws are terms of one bound (biased low after the log-sum-exp)."""
+    return likelihood == "lower_bound" and monte_carlo == "terms"
+
+
+def marginal_nll_key(split: str, likelihood: Likelihood, monte_carlo: MonteCarlo) -> str:
+    """The marginal NLL of a conditional family, named a bound, an estimate or exact."""
+    estimate = marginal_is_estimate(likelihood, monte_carlo)
+    return nll_key(split, likelihood, marginal=True, estimate=estimate)
 
 
 def single_draw_key(split: str) -> str:

@@ -9,7 +9,7 @@ from genlab.config import Params
 from genlab.data.prepared import read_meta
 from genlab.evaluation.baselines import baseline_metrics
 from genlab.evaluation.protocol import load_reference, measurement
-from genlab.evaluation.vocabulary import is_uncertainty
+from genlab.evaluation.vocabulary import PROTOCOL, is_uncertainty
 from genlab.io import write_json_atomic
 from genlab.tracking import flatten, log_baselines
 
@@ -27,7 +27,7 @@ def main(params: Params) -> None:
         batch_size=params.evaluate.batch_size,
         device=params.trainer.eval_device,
     )
-    write_json_atomic(paths.BASELINE_METRICS, rows | {"protocol": protocol.as_dict()})
+    write_json_atomic(paths.BASELINE_METRICS, rows | {PROTOCOL: protocol.as_dict()})
     log_baselines(
         params.tracking.uri,
         params.experiment_name,

@@ -18,7 +18,7 @@ from genlab.config import Params
 from genlab.distributed import launch
 from genlab.evaluation.evaluate import evaluate_model
 from genlab.evaluation.grids import save_png
-from genlab.evaluation.vocabulary import is_uncertainty
+from genlab.evaluation.vocabulary import PROTOCOL, is_uncertainty
 from genlab.io import write_json_atomic
 from genlab.models import MODELS
 from genlab.tracking import RunRecord, flatten, log_evaluation
@@ -61,7 +61,7 @@ def main(params: Params, family: str, seed: int) -> None:
         return
     figures = write_grids(result.grids, paths.family_figures(family, seed))
     metrics_file = paths.family_metrics(family, seed)
-    write_json_atomic(metrics_file, result.metrics | {"protocol": result.protocol.as_dict()})
+    write_json_atomic(metrics_file, result.metrics | {PROTOCOL: result.protocol.as_dict()})
     protocol = {
         "evaluate": params.evaluate.model_dump(),
         "prediction": params.prediction.model_dump(),

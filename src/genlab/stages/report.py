@@ -28,6 +28,7 @@ from genlab.evaluation.report import (
     reasons,
     summary_markdown,
 )
+from genlab.evaluation.vocabulary import PROTOCOL
 from genlab.io import write_text_atomic
 from genlab.models import MODELS
 from genlab.tracking import log_report
@@ -63,17 +64,15 @@ def main(params: Params) -> None:
         for s in params.seeds
     }
     baselines_file = _read_json(paths.BASELINE_METRICS, "baselines")
-    recorded = {str(paths.family_metrics(f, s)): m.get("protocol") for (f, s), m in files.items()}
-    recorded[str(paths.BASELINE_METRICS)] = baselines_file.get("protocol")
+    recorded = {str(paths.family_metrics(f, s)): m.get(PROTOCOL) for (f, s), m in files.items()}
+    recorded[str(paths.BASELINE_METRICS)] = baselines_file.get(PROTOCOL)
     check_protocols(recorded, protocol)
 
     common = {"confidence": protocol.confidence, "split": protocol.reference_split}
     families = []
     for f in params.families:
         c = capabilities(params, f)
-        runs = {
-            s: {k: x for k, x in files[(f, s)].items() if k != "protocol"} for s in params.seeds
-        }
+        runs = {s: {k: x for k, x in files[(f, s)].items() if k != PROTOCOL} for s in params.seeds}
         families.append(Row(f, runs, capabilities=c, why_not=reasons(f, c), **common))
     baselines = {
         title: Row(title, {0: baselines_file[key]}, **common)
