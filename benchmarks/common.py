@@ -18,8 +18,8 @@ from genlab.data.prepared import read_meta
 from genlab.errors import GenlabError
 from genlab.evaluation import vocabulary as v
 from genlab.evaluation.protocol import Protocol, check_protocols, measurement
+from genlab.paths import RUN_FILE
 from genlab.tracking import RunRecord
-from genlab.training import RUN_FILE
 
 # The key under which the evaluate and baselines stages write the protocol next to the metrics
 # (stages/evaluate.py, stages/baselines.py). The library spells it as a literal and exports no

@@ -59,7 +59,7 @@ def tuning_params(store: Path) -> Params:
 
 def with_value(params: Params, family: str, key: str, value: object) -> Params:
     raw = params.model_dump()
-    raw["models"][family][key] = value
+    raw["models"].setdefault(family, {})[key] = value
     return parse_params(raw)
 
 

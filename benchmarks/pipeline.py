@@ -12,8 +12,7 @@ environment's dvc and genlab, every core (no thread limit), a fresh SQLite MLflo
     uv run python benchmarks/pipeline.py --families vae   # what a subset of the families costs
     uv run python benchmarks/pipeline.py --profile profiles/three-seeds.yaml   # a params profile
 
-The first stage's time includes starting the copy's warm-start server (`genlab.warm`: the
-libraries' imports, once); later stages run as its workers, as they do for a user.
+Each stage is its own `genlab` process (imports included), as it is for a user.
 
 Targets: the default repro under 600 s on 2 CPU cores (issue 8), the three-seed profile under
 1800 s (issue 17), the no-op repro under 10 s.

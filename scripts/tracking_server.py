@@ -2,14 +2,16 @@
 
     uv run scripts/tracking_server.py                    # 127.0.0.1:5000, store in ./mlflow-server
     uv run scripts/tracking_server.py --port 5050 --data-dir /srv/genlab-mlflow
-    uv run scripts/tracking_server.py --backend-store-uri postgresql://genlab@db.internal/mlflow \\
-        --artifacts-destination /srv/genlab-mlflow/artifacts
+    GENLAB_SERVER_BACKEND_STORE_URI=postgresql://genlab:secret@db.internal/mlflow \\
+        uv run scripts/tracking_server.py --artifacts-destination /srv/genlab-mlflow/artifacts
     MLFLOW_TRACKING_URI=http://127.0.0.1:5000 uv run dvc repro     # genlab logs to it
 
 Each option may come from the environment instead (GENLAB_SERVER_HOST, GENLAB_SERVER_PORT,
 GENLAB_SERVER_DATA_DIR, GENLAB_SERVER_BACKEND_STORE_URI, GENLAB_SERVER_ARTIFACTS_DESTINATION,
 GENLAB_SERVER_WORKERS); an option on the command line wins. Arguments after `--` go to
-`mlflow server` unchanged (e.g. `-- --allowed-hosts mlflow.internal`).
+`mlflow server` unchanged (e.g. `-- --allowed-hosts mlflow.internal`). A backend store URI with a
+password belongs in GENLAB_SERVER_BACKEND_STORE_URI, not on the command line, which every user of
+the machine can read (`ps`); `mlflow server` gets it through MLFLOW_BACKEND_STORE_URI.
 
 Why these choices:
 - 127.0.0.1 by default: MLflow has no authentication by default and a long security history.
@@ -121,9 +123,12 @@ def artifacts_destination(value: str | None, data_dir: Path) -> str:
     return str(folder)
 
 
-def server_command(args: argparse.Namespace, extra: list[str]) -> list[str]:
+def server_command(args: argparse.Namespace, extra: list[str]) -> tuple[list[str], dict[str, str]]:
+    """`mlflow server`'s command line and the environment variables it needs besides. The backend
+    store URI (a database password, often) goes in the environment, which MLflow reads: a command
+    line is visible to every user of the machine (`ps`)."""
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", args.host, "--port", str(args.port)]
-    cmd += ["--backend-store-uri", backend_store(args.backend_store_uri, args.data_dir)]
+    env = {"MLFLOW_BACKEND_STORE_URI": backend_store(args.backend_store_uri, args.data_dir)}
     cmd += ["--serve-artifacts"]
     cmd += [
         "--artifacts-destination",
@@ -131,13 +136,13 @@ def server_command(args: argparse.Namespace, extra: list[str]) -> list[str]:
     ]
     if args.workers is not None:
         cmd += ["--workers", str(args.workers)]
-    return cmd + extra
+    return cmd + extra, env
 
 
 def main(argv: list[str] | None = None) -> int:
     args, extra = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        cmd = server_command(args, extra)
+        cmd, env = server_command(args, extra)
     except (ServerConfigError, OSError) as exc:
         print(f"tracking_server: error: {exc}", file=sys.stderr)
         return 2
@@ -152,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     host = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
     print(f"tracking_server: genlab logs here with MLFLOW_TRACKING_URI=http://{host}:{args.port}")
     sys.stdout.flush()
+    os.environ.update(env)
     os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     # exec, not a child: signals (Ctrl-C, a service manager's SIGTERM) reach the server directly.
     os.execv(sys.executable, cmd)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -11,7 +10,6 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from genlab import warm
 from genlab.config import DatasetParams
 from genlab.data.prepared import prepare
 from genlab.models import GenerativeModule
@@ -23,15 +21,19 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
+REPO = Path(__file__).resolve().parents[1]
+# What a run that lost its way writes into the working directory (MLflow's defaults).
+STRAYS = ("mlruns", "mlartifacts", "mlflow.db")
+
+
 @pytest.fixture(autouse=True, scope="session")
-def _warm_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """The `genlab` commands the tests start (through dvc or directly) share this session's warm
-    servers (genlab.warm), which stop when the session ends instead of idling on."""
-    folder = tmp_path_factory.mktemp("warm")
-    folder.chmod(0o700)
-    os.environ[warm.DIR_VARIABLE] = str(folder)
+def _nothing_written_into_the_repository() -> Iterator[None]:
+    """Every test writes under its own temporary folder: the suite leaves no MLflow store or
+    artifacts in the repository."""
+    before = {name for name in STRAYS if (REPO / name).exists()}
     yield
-    warm.stop_servers(folder)
+    after = {name for name in STRAYS if (REPO / name).exists()}
+    assert after <= before, f"the tests wrote {sorted(after - before)} into {REPO}"
 
 
 @pytest.fixture(scope="session")

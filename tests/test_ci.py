@@ -85,15 +85,29 @@ def _steps(workflow: Path) -> list[dict]:
     return [step for job in jobs.values() for step in job.get("steps", [])]
 
 
-def test_actions_are_pinned_to_release_tags() -> None:
-    """`uses:` names an exact release (vX.Y.Z), never a branch or a moving major tag."""
+def test_actions_are_pinned_to_commits_with_their_release_in_a_comment() -> None:
+    """`uses:` names a full commit SHA (a tag can be moved to other code), followed by the exact
+    release it is (`# vX.Y.Z`) for whoever updates it."""
+    pinned = re.compile(r"uses: [\w.-]+/[\w.-]+@[0-9a-f]{40} # v\d+\.\d+\.\d+")
     for workflow in WORKFLOWS:
-        for step in _steps(workflow):
-            if "uses" in step:
-                assert re.fullmatch(r"[\w.-]+/[\w.-]+@v\d+\.\d+\.\d+", step["uses"]), (
-                    workflow.name,
-                    step["uses"],
-                )
+        uses = [line.strip().removeprefix("- ") for line in workflow.read_text().splitlines()]
+        uses = [line for line in uses if line.startswith("uses:")]
+        assert len(uses) == sum("uses" in step for step in _steps(workflow)) > 0
+        for line in uses:
+            assert pinned.fullmatch(line), (workflow.name, line)
+
+
+def test_workflows_grant_least_privilege_and_secrets_only_to_their_steps() -> None:
+    """A read-only token unless a job says why it needs more; a secret reaches a step's
+    environment only (never the whole workflow or job, where every action would see it)."""
+    for workflow in WORKFLOWS:
+        doc = yaml.safe_load(workflow.read_text())
+        assert doc["permissions"] == {"contents": "read"}, workflow.name
+        for name, job in doc["jobs"].items():
+            extra = {k: v for k, v in job.get("permissions", {}).items() if v != "read"}
+            assert extra in ({}, {"pull-requests": "write"}), (workflow.name, name, extra)
+            assert "secrets." not in json.dumps(job.get("env", {})), (workflow.name, name)
+        assert "secrets." not in json.dumps(doc.get("env", {})), workflow.name
 
 
 def test_train_workflow_runs_only_commands_tested_here() -> None:

@@ -60,12 +60,38 @@ BAD_PARAMS = [
     ("negative-evaluator-seed", "families: [vae]\nevaluator:\n  seed: -1\n", "evaluator.seed"),
     ("unknown-split", "families: [vae]\nevaluate:\n  split: train\n", "evaluate.split"),
     ("one-sample-set", "families: [vae]\nevaluate:\n  sample_seeds: 1\n", "evaluate.sample_seeds"),
+    # No value is infinite or NaN (a float with only a lower bound would otherwise take it).
+    ("infinite-lr", "families: [vae]\nmodels:\n  vae:\n    lr: .inf\n", "models.vae.lr"),
+    ("overflowing-float", "families: [vae]\nevaluator:\n  lr: 1e400\n", "evaluator.lr"),
+    ("nan-float", "families: [vae]\nevaluator:\n  dropout: .nan\n", "evaluator.dropout"),
+    # Sizes that would exhaust memory after training are refused before it.
+    (
+        "huge-sample-set",
+        "families: [vae]\nevaluate:\n  num_samples: 10000000\n",
+        "evaluate.num_samples",
+    ),
+    ("huge-eval-seed", "families: [vae]\nevaluate:\n  seed: 4294967296\n", "evaluate.seed"),
 ]
 # Errors that are not about one key: (id, text, what the line must say instead).
 BAD_FILES = [
     ("yaml-syntax-error", "families: [vae\nseeds: [0]\n", "not valid YAML at line"),
     ("top-level-list", "- vae\n", "top level"),
     ("empty-file", "", "top level"),
+    # What PyYAML (YAML 1.1) and DVC (YAML 1.2) would read differently is refused, with its line.
+    (
+        "yaml-1.1-boolean",
+        "families: [vae]\nmodels:\n  vae:\n    conditional: yes\n",
+        "line 4: 'yes'",
+    ),
+    ("yaml-1.1-off", "families: [vae]\ntrainer:\n  compile: off\n", "line 3: 'off' is a boolean"),
+    ("sexagesimal", "families: [vae]\nmodels:\n  vae:\n    max_epochs: 1:30\n", "line 4: '1:30'"),
+    ("octal", "families: [vae]\nmodels:\n  vae:\n    max_epochs: 0755\n", "line 4: '0755'"),
+    ("underscores", "families: [vae]\nmodels:\n  vae:\n    max_epochs: 1_000\n", "'1_000'"),
+    (
+        "duplicate-key",
+        "families: [vae]\nseeds: [0]\nseeds: [1]\n",
+        "line 3: key 'seeds' is written twice",
+    ),
 ]
 
 
@@ -127,11 +153,14 @@ def test_cli_bad_params_exits_non_zero_with_one_line_and_writes_nothing(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     path = _write(tmp_path, text)
-    assert main(["--params", str(path), "prepare"]) != 0
+    # prepare reads no model section, so it does not check them (that imports every family's
+    # code): every other command does, the evaluator first.
+    command = "evaluator" if says.startswith("models.") else "prepare"
+    assert main(["--params", str(path), command]) != 0
     out, err = capsys.readouterr()
     assert out == ""
     assert err.count("\n") == 1 and err.endswith("\n")
-    assert err.startswith("genlab prepare: error: ")
+    assert err.startswith(f"genlab {command}: error: ")
     assert says in err
     assert sorted(os.listdir(tmp_path)) == ["params.yaml"]
 
@@ -304,6 +333,6 @@ def test_strict_types_do_not_coerce(tmp_path: Path, text: str, key: str) -> None
 def test_exponent_floats_read_as_yaml_1_2(tmp_path: Path) -> None:
     """PyYAML reads `1e-3` as a string (YAML 1.1); params must read it as DVC -S writes it."""
     params = load_params(_write(tmp_path, "families: [vae]\nmodels:\n  vae:\n    lr: 3e-4\n"))
-    assert params.models.vae.lr == pytest.approx(3e-4)
+    assert params.family("vae").lr == pytest.approx(3e-4)
     params = load_params(_write(tmp_path, "families: [vae]\nmodels:\n  vae:\n    lr: 1\n"))
-    assert params.models.vae.lr == 1.0
+    assert params.family("vae").lr == 1.0

@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from genlab import paths
 from genlab.models import MODELS
-from genlab.training import MODEL_FILE
+from genlab.paths import MODEL_FILE
 
 HERE = Path(__file__).parent / "distributed"
 

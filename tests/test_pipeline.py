@@ -291,6 +291,13 @@ def test_repro_then_experiment_lands_in_one_store(repo_copy: Path) -> None:
     # A second repro with nothing changed runs nothing.
     out = run(["dvc", "repro"], root)
     assert "Running stage" not in out
+    # Editing one family's file makes that family's training stale, no other.
+    family_file = root / "src/genlab/models/gan.py"
+    original = family_file.read_text()
+    family_file.write_text(original + "\n# edited\n")
+    stale = json.loads(run(["dvc", "status", "--json"], root))
+    assert {stage for stage in stale if stage.startswith("train@")} == {"train@gan-0"}
+    family_file.write_text(original)
     # One run per family and seed, plus the baselines and the report.
     assert len(client.search_runs([experiment.experiment_id])) == len(params.families) + 2
 

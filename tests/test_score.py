@@ -21,8 +21,8 @@ from genlab.cli import main
 from genlab.data.prepared import Meta, load_split, read_meta
 from genlab.evaluation.grids import to_uint8_pixels
 from genlab.models import MODELS
+from genlab.paths import MODEL_FILE
 from genlab.scoring import read_images
-from genlab.training import MODEL_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 

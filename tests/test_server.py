@@ -16,6 +16,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import psutil  # a dependency of dvc's
 import pytest
 import yaml
 
@@ -145,10 +146,19 @@ def test_server_script_binds_loopback_and_refuses_a_store_without_scheme(tmp_pat
 
 
 def test_tiny_training_logs_over_http_and_rest_search_returns_its_eval_metrics(
-    server: TrackingServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    server: TrackingServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The CI profile's vae through every stage command of the pipeline, in process (a `dvc
     repro` would start one process per stage), logging to the server only."""
+    # The backend store URI (a database password, often) is in no command line of the server's
+    # processes: MLflow reads it from its environment.
+    started = psutil.Process(server.proc.pid)
+    for process in [started, *started.children(recursive=True)]:
+        assert not any("mlflow.db" in arg for arg in process.cmdline()), process.cmdline()
     work = tmp_path / "work"
     work.mkdir()
     params = work / "params.yaml"
@@ -163,9 +173,14 @@ def test_tiny_training_logs_over_http_and_rest_search_returns_its_eval_metrics(
     params.write_text(yaml.safe_dump(tiny, sort_keys=False))
     monkeypatch.chdir(work)
     monkeypatch.delenv("DVC_ROOT", raising=False)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
+    # Credentials in the URI (this server ignores them) reach the server and nothing else.
+    secret = "hunter2-not-in-any-file"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri.replace("://", f"://genlab:{secret}@"))
     for command in stage_commands(REPO / "dvc.yaml", ["vae"], [0]):  # what `dvc repro` runs
         assert genlab_main(command) == 0, command
+    assert secret not in capsys.readouterr().err + caplog.text
+    for file in [*work.rglob("*"), *(server.data_dir / "artifacts").rglob("*")]:
+        assert not file.is_file() or secret.encode() not in file.read_bytes(), file
 
     assert not (work / "mlflow.db").exists()  # nothing went to a local store
     (run,) = server.search_runs("digits", "tags.family = 'vae'", [f"metrics.`{v.FID}` ASC"])
@@ -183,6 +198,7 @@ def test_tiny_training_logs_over_http_and_rest_search_returns_its_eval_metrics(
         assert metrics[key] == pytest.approx(value), key
     assert v.TRAIN_LOSS in metrics and v.nll_key("val", "lower_bound") in metrics
     assert params_of(run)["model.latent_dim"] == "4"
+    assert not any(secret in str(value) for value in params_of(run).values())
     assert (tags_of(run)["dvc_stage"], tags_of(run)["seed"]) == ("train@vae-0", "0")
 
     # Artifacts went through the server (served artifacts) into its own store.

@@ -30,10 +30,13 @@ from genlab.tracking import (
     BASELINES_TAG,
     REPORT_TAG,
     SHORT_HTTP_SETTINGS,
+    RunRecord,
     check_reachable,
+    ensure_experiment,
     log_baselines,
     log_report,
     short_http_retries,
+    without_userinfo,
 )
 
 # The team server script, started as users start it; stop() and start() again: an outage.
@@ -129,7 +132,7 @@ def test_spool_replay_is_in_order_exactly_once_and_sets_refusals_aside(tmp_path:
     crash skipped, a refused record set aside, and a replay redone after a crash (the cursor
     lost) duplicates no metric value."""
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    run_id = client.create_run(client.create_experiment("spool")).info.run_id
+    run_id = client.create_run(ensure_experiment(client, "spool")).info.run_id
     client.log_param(run_id, "lr", "0.1")
     unused = Spool(tmp_path / "unused")
     unused.bind(client.tracking_uri, run_id)
@@ -182,7 +185,7 @@ def test_metrics_are_gathered_and_sent_at_checkpoints_before_other_records_and_a
     the step and time of its call."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
-    run_id = client.create_run(client.create_experiment("gathered")).info.run_id
+    run_id = client.create_run(ensure_experiment(client, "gathered")).info.run_id
     logger = SpoolingMLFlowLogger(tracking_uri=uri, run_id=run_id, spool_dir=tmp_path / "spool")
     requests: list[str] = []
     real_send = genlab.spool.send
@@ -352,3 +355,19 @@ def test_outage_during_fit_is_spooled_and_synced_after_restart(
     logger.log_metrics({"hung": 3.0}, step=2)
     assert not spool.pending()
     assert sorted(m.step for m in client.get_metric_history(run_id, "hung")) == [0, 1, 2]
+
+
+@pytest.mark.parametrize(
+    ("uri", "written"),
+    [
+        ("http://user:secret@mlflow.internal:5000", "http://mlflow.internal:5000"),
+        ("https://token@[::1]:8443/prefix", "https://[::1]:8443/prefix"),
+        ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),
+        ("sqlite:////abs/mlflow.db", "sqlite:////abs/mlflow.db"),
+    ],
+)
+def test_credentials_are_stripped_from_every_uri_genlab_writes(uri: str, written: str) -> None:
+    assert without_userinfo(uri) == written
+    record = RunRecord("1", "abc", without_userinfo(uri))
+    assert record.connect_uri(uri) == uri  # the same store: connect with the credentials
+    assert record.connect_uri("http://elsewhere:1") == written

@@ -27,8 +27,9 @@ from genlab.evaluation import vocabulary as v
 from genlab.models import MODELS
 from genlab.models.ebm import ENERGY_GAP_STEPS
 from genlab.models.gan import D_WIN_STEPS
+from genlab.paths import MODEL_FILE
 from genlab.stages import train as train_stage
-from genlab.training import MODEL_FILE, NVML_CHECK, run_name, train_family
+from genlab.training import NVML_CHECK, run_name, train_family
 from pre_emption import start_until_checkpoint
 
 GENLAB = [sys.executable, "-m", "genlab.cli"]
@@ -219,6 +220,82 @@ def test_resume_after_a_kill_is_bit_identical(
     straight = torch.load(tmp_path / "straight/model" / MODEL_FILE, weights_only=True)
     resumed = torch.load(tmp_path / "resumed/model" / MODEL_FILE, weights_only=True)
     _assert_equal(straight["state_dict"], resumed["state_dict"], "final model")
+
+
+class ScriptedValidation(Callback):
+    """Sets each epoch's monitored validation value to `values[epoch]` before the checkpoint
+    callbacks read it (they run after every other callback): the test decides when validation
+    gets better and when worse."""
+
+    def __init__(self, values: dict[int, float]) -> None:
+        self.values = values
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            key = v.nll_key("val", pl_module.likelihood)
+            trainer.callback_metrics[key] = torch.tensor(self.values[trainer.current_epoch])
+
+
+class CrashAt(Callback):
+    """A crash as epoch `epoch` starts (a SIGKILL, an OOM kill): nothing more is saved."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_batch_start(self, trainer, *args) -> None:
+        if trainer.current_epoch == self.epoch:
+            raise RuntimeError("crashed")
+
+
+def _final_epoch(root: Path) -> int:
+    return torch.load(root / "model" / MODEL_FILE, weights_only=True)["epoch"]
+
+
+# Validation of epochs 0, 1, 2: the best is epoch 1, and epoch 2 is worse than it but better
+# than epoch 0 (a resumed fit that forgot epoch 1's score would take epoch 2).
+BETTER_THEN_WORSE = {0: 10.0, 1: 5.0, 2: 7.0}
+
+
+@pytest.mark.parametrize("moved", [False, True], ids=["same-folder", "moved-repository"])
+def test_a_fit_resumed_after_a_crash_keeps_the_best_epoch_an_uninterrupted_fit_keeps(
+    moved: bool, tiny: dict, prepared_digits: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """Crashed as epoch 2 starts and resumed (in the same folder, or after the repository moved,
+    as `dvc exp run --temp` does): the final model is epoch 1, as without the crash."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = _tiny_params("vae", tiny, tmp_path, max_epochs=3, log_every_n_steps=1)
+    scripted = ScriptedValidation(BETTER_THEN_WORSE)
+    _train(params, "vae", prepared_digits, tmp_path / "straight", scripted)
+    assert _final_epoch(tmp_path / "straight") == 1
+
+    with pytest.raises(RuntimeError, match="crashed"):
+        _train(params, "vae", prepared_digits, tmp_path / "crashed", scripted, CrashAt(2))
+    root = tmp_path / "crashed"
+    if moved:
+        root = tmp_path / "elsewhere"
+        shutil.move(tmp_path / "crashed", root)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="The dirpath has changed")
+        _train(params, "vae", prepared_digits, root, scripted)
+    assert _final_epoch(root) == 1
+
+
+def test_a_torn_last_checkpoint_resumes_from_the_best_one_with_a_warning(
+    tiny: dict, prepared_digits: Path, tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = _tiny_params("vae", tiny, tmp_path, max_epochs=3, log_every_n_steps=1)
+    scripted = ScriptedValidation({0: 5.0, 1: 10.0, 2: 7.0})  # best: epoch 0
+    with pytest.raises(RuntimeError, match="crashed"):
+        _train(params, "vae", prepared_digits, tmp_path, scripted, CrashAt(2))
+    (ckpt_dir,) = (tmp_path / "checkpoints").iterdir()
+    last = ckpt_dir / "last.ckpt"
+    assert _state(last)["epoch"] == 1
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # torn mid-write
+    with pytest.warns(UserWarning, match="last.ckpt cannot be read"):
+        result = _train(params, "vae", prepared_digits, tmp_path, scripted)
+    assert result.epochs == 3
+    assert _final_epoch(tmp_path) == 0
 
 
 class PoisonAt(Callback):

@@ -1,4 +1,8 @@
-"""`genlab`: the pipeline stages as commands (what dvc.yaml runs)."""
+"""`genlab`: the pipeline stages as commands (what dvc.yaml runs).
+
+Each command imports what it needs when it runs, so that `genlab --help` imports no torch and
+`genlab prepare` no Lightning (a stage's start-up is mostly imports: about 6 s on 2 cores for
+torch, Lightning and MLflow together)."""
 
 from __future__ import annotations
 
@@ -6,13 +10,46 @@ import argparse
 import sys
 
 from genlab.errors import GenlabError
+from genlab.families import FAMILIES
+
+# What `genlab score` reads and writes (its --help): here, so that the help needs no torch.
+SCORE_DESCRIPTION = """\
+INPUT is a folder of image files (png, jpg/jpeg, bmp, gif, tif/tiff, webp; read in name order;
+hidden files are skipped, anything else is an error), one image file, or a `.npy` array of integer
+LEVELS 0..L-1 shaped (N, C, H, W), (N, H, W) or (H, W) for 1-channel data, (C, H, W) for one
+multi-channel image. Image files must have the data's size (no resizing) and hold 8-bit pixels
+(16-bit grayscale too, taken to 8 bits as round(v * 255 / 65535), as `genlab prepare` reads it),
+mapped to levels by round(v * (L - 1) / 255) rounded half up, the inverse of
+`genlab.evaluation.grids.to_uint8_pixels`. For grayscale data an image must be grey: mode 'L',
+'1', 16-bit grey, or a palette / RGB(A) / LA image whose pixels all have R = G = B (an exact
+conversion); a colour image is an error, never converted to grey. For RGB data a grey image
+is taken as R = G = B. Transparent pixels are an error (their colour is undefined).
+
+Scores (genlab.evaluation.predict.score_images): log p(x) in nats, exact or a lower bound with
+`prediction.bound_samples` Monte Carlo draws, or -E(x) for an energy model; a conditional family
+marginalises the label, p(x) = sum_y p(x | y) p(y), with p(y) the train split's class frequencies.
+
+Verdict: the statistic `prediction.statistic` (log p(x) itself, or the typicality
+-|log p(x) - mean log p(x) on validation|, Nalisnick et al. 2019) is compared with the threshold
+that rejects a fraction `prediction.fpr` of the validation split; an image is in-distribution iff
+its statistic >= that threshold.
+
+CSV columns, one row per image (`image` is the file name, or the row index of a .npy array):
+
+- exact likelihood families:  image, nats, bits_per_dim, statistic, in_distribution
+- bound likelihood families:  image, nats_bound, bits_per_dim_bound, statistic, in_distribution
+  (upper bounds on -log p(x), as `test/nll_bound_nats` in the metrics)
+- energy families:            image, energy, statistic, in_distribution
+  (E(x) = -log p(x) - log Z with log Z unknown: no nats, no bits/dim)
+
+nats = -log p(x) per image; bits_per_dim = nats / (C·H·W · ln 2); in_distribution is true/false.
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from genlab import scoring
-    from genlab.models import MODELS
-
-    parser = argparse.ArgumentParser(prog="genlab", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="genlab", description="The pipeline's stages as commands (what dvc.yaml runs)."
+    )
     parser.add_argument(
         "--params", default="params.yaml", help="params file (default: %(default)s)"
     )
@@ -25,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     seed_help = "training seed (default: the first of `seeds` in params)"
     for name, text in (("train", "train one family"), ("evaluate", "evaluate one family")):
         cmd = sub.add_parser(name, help=text)
-        cmd.add_argument("family", choices=sorted(MODELS))
+        cmd.add_argument("family", choices=sorted(FAMILIES))
         cmd.add_argument("--seed", type=_seed, help=seed_help)
     sub.add_parser(
         "baselines", help="the copycat, held-out real and real-data rows -> metrics/baselines.json"
@@ -34,12 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     score = sub.add_parser(
         "score",
         help="per-image nats, bits/dim and an in-distribution verdict (CSV)",
-        description=scoring.__doc__,
+        description=SCORE_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     score.add_argument(
         "family",
-        choices=sorted(MODELS),
+        choices=sorted(FAMILIES),
         help="a trained family (models/<family>/seed<k>/model.ckpt)",
     )
     score.add_argument("input", help="a folder of images, one image file or a .npy array of levels")
@@ -98,7 +135,8 @@ def run(args: argparse.Namespace) -> None:
         return
     from genlab.config import load_params
 
-    params = load_params(args.params)
+    # Checking the model sections imports every family's code (and Lightning); prepare reads none.
+    params = load_params(args.params, check_models=args.command != "prepare")
     if args.command == "prepare":
         from genlab.stages import prepare
 

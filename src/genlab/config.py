@@ -4,8 +4,10 @@ Every stage loads the whole file through `load_params`, so a bad key anywhere fa
 same way: one line naming the key, a non-zero exit, nothing written.
 
 A family's section (`models.<family>`) is not written out here: its schema is the family's
-constructor (typed, defaulted keyword arguments, STYLE.md rule 3) plus the two training keys every
-family has. Adding a family therefore needs no change in this file.
+constructor (typed, defaulted keyword arguments, STYLE.md rule 3) plus the training keys every
+family has. Adding a family therefore needs no change in this file. Checking a section imports the
+family's code (and with it torch and Lightning), so a command that reads no model (`genlab
+prepare`) loads params with `check_models=False`; importing this module imports neither.
 """
 
 from __future__ import annotations
@@ -15,11 +17,10 @@ import inspect
 import json
 import re
 import typing
-from functools import cache
+from functools import cache, lru_cache
 from pathlib import Path, PurePath
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-import torch
 import yaml
 from pydantic import (
     BaseModel,
@@ -32,7 +33,10 @@ from pydantic import (
 )
 
 from genlab.errors import ConfigError
-from genlab.models import MODELS
+from genlab.families import FAMILIES
+
+if TYPE_CHECKING:
+    import torch
 
 # Constructor arguments that come from the prepared data (meta.json), never from params.
 DATA_ARGS = ("image_shape", "levels", "num_classes")
@@ -41,11 +45,15 @@ PositiveInt = Annotated[int, Field(gt=0)]
 # Lightning's seed_everything warns and picks a *random* seed above 2^32 - 1.
 MAX_SEED = 2**32 - 1
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+# Images per sample set: 50 000 is the size FID is published at; more only costs memory.
+MAX_SAMPLES = 50_000
 
 
 class Strict(BaseModel):
     # strict: "16" is not an int and "yes" is not a bool; an int is still a valid float.
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    # allow_inf_nan: `.inf`, `.nan` and `1e400` are no value (an infinite step size or guidance
+    # scale samples garbage that would then be scored).
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 Fraction = Annotated[float, Field(gt=0, lt=1)]
@@ -116,6 +124,8 @@ class TrainerParams(Strict):
     @property
     def eval_device(self) -> torch.device:
         """Where evaluation and scoring run: the GPU when asked for and present, else the CPU."""
+        import torch
+
         if self.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
             return torch.device("cuda")
         return torch.device("cpu")
@@ -148,7 +158,7 @@ class EvaluateParams(Strict):
     # Images per sample set; null: as many as the validation split holds, the size at which the
     # held-out real images (the validation split) are compared with the reference split, so that
     # every row of the comparison is measured at one size.
-    num_samples: Annotated[int, Field(ge=2)] | None = None
+    num_samples: Annotated[int, Field(ge=2, le=MAX_SAMPLES)] | None = None
     # Independent sample sets per family (seeds derived from `seed`): the metrics are their
     # mean, and their spread is the samples' part of every interval.
     sample_seeds: Annotated[int, Field(ge=2, le=100)] = 5
@@ -160,9 +170,9 @@ class EvaluateParams(Strict):
     copying_cells: Annotated[int, Field(ge=1, le=100)] = 5
     copying_tau: Annotated[float, Field(ge=0, lt=1)] = 0.05
     batch_size: PositiveInt = 250
-    seed: Annotated[int, Field(ge=0)] = 1234
-    kid_subset_size: Annotated[int, Field(ge=2)] = 200
-    kid_subsets: PositiveInt = 100
+    seed: Seed = 1234
+    kid_subset_size: Annotated[int, Field(ge=2, le=MAX_SAMPLES)] = 200
+    kid_subsets: Annotated[int, Field(ge=1, le=10_000)] = 100
     prc_neighborhood: PositiveInt = 3
     isc_splits: PositiveInt = 10
     # The feature space of FID/KID/precision-recall/IS: `evaluator`, the dataset's own classifier
@@ -243,6 +253,8 @@ class FamilyParams(Strict):
 @cache
 def family_params_model(family: str) -> type[FamilyParams]:
     """Build the params schema of `models.<family>` from the family's constructor signature."""
+    from genlab.models import MODELS
+
     cls = MODELS[family]
     hints = typing.get_type_hints(cls.__init__, include_extras=True)
     fields: dict[str, Any] = {}
@@ -260,17 +272,14 @@ def family_params_model(family: str) -> type[FamilyParams]:
     return create_model(f"{cls.__name__}Params", __base__=FamilyParams, **fields)
 
 
-def _models_params_model() -> type[Strict]:
-    fields = {
-        family: (family_params_model(family), Field(default_factory=family_params_model(family)))
-        for family in MODELS
-    }
-    return create_model("ModelsParams", __base__=Strict, **fields)
+@lru_cache(maxsize=64)
+def _family_section(family: str, section_json: str) -> FamilyParams:
+    """`models.<family>` (given as JSON, so that it can be a cache key) checked against the
+    family's schema, defaults filled in."""
+    return family_params_model(family).model_validate(json.loads(section_json))
 
 
-ModelsParams = _models_params_model()
-
-Family = Literal[tuple(MODELS)]  # type: ignore[valid-type]
+Family = Literal[FAMILIES]  # type: ignore[valid-type]
 
 
 class Params(Strict):
@@ -282,7 +291,9 @@ class Params(Strict):
     families: Annotated[list[Family], Field(min_length=1)]
     trainer: TrainerParams = Field(default_factory=TrainerParams)
     evaluator: EvaluatorParams = Field(default_factory=EvaluatorParams)
-    models: ModelsParams = Field(default_factory=ModelsParams)  # type: ignore[valid-type]
+    # models.<family>: the family's constructor arguments and training keys, as written; `family()`
+    # gives a section checked against the family's schema, defaults filled in.
+    models: dict[Family, dict[str, Any]] = Field(default_factory=dict)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
     prediction: PredictionParams = Field(default_factory=PredictionParams)
     representation: RepresentationParams = Field(default_factory=RepresentationParams)
@@ -303,7 +314,14 @@ class Params(Strict):
         return seeds
 
     def family(self, name: str) -> FamilyParams:
-        return getattr(self.models, name)
+        """`models.<name>` checked against the family's constructor, defaults filled in (a
+        ValidationError names keys inside the section; `parse_params` turns it into a
+        ConfigError naming `models.<name>.<key>`)."""
+        return _family_section(name, json.dumps(self.models.get(name, {}), sort_keys=True))
+
+    def resolved(self) -> dict[str, Any]:
+        """Every key with its value, each family's section with its defaults (what MLflow logs)."""
+        return self.model_dump() | {"models": {f: self.family(f).model_dump() for f in FAMILIES}}
 
     @property
     def experiment_name(self) -> str:
@@ -344,22 +362,87 @@ def _describe(error: dict[str, Any]) -> str:
     return f"{key}: {error['msg']} (got {got})"
 
 
-def parse_params(raw: Any, source: str = "params.yaml") -> Params:
+def parse_params(raw: Any, source: str = "params.yaml", *, check_models: bool = True) -> Params:
+    """Params from a parsed YAML document; with `check_models`, every family's section is checked
+    against its constructor too (which imports the families' code)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of keys at the top level")
     try:
-        return Params.model_validate(raw)
+        params = Params.model_validate(raw)
     except ValidationError as exc:
-        errors = exc.errors()
-        more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
-        raise ConfigError(f"{source}: {_describe(errors[0])}{more}") from None
+        raise ConfigError(f"{source}: {_first_problem(exc)}") from None
+    for family in FAMILIES if check_models else ():
+        try:
+            params.family(family)
+        except ValidationError as exc:
+            raise ConfigError(f"{source}: {_first_problem(exc, ('models', family))}") from None
+    return params
 
 
-class _Yaml12FloatLoader(yaml.SafeLoader):
-    """PyYAML follows YAML 1.1, where `1e-3` is a string; read it as YAML 1.2 (and DVC) do."""
+def _first_problem(exc: ValidationError, within: tuple[str, ...] = ()) -> str:
+    errors = exc.errors()
+    more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+    return _describe({**errors[0], "loc": (*within, *errors[0]["loc"])}) + more
 
 
-_Yaml12FloatLoader.add_implicit_resolver(
+class _ReadsDifferently(yaml.YAMLError):
+    """A scalar or mapping that PyYAML (YAML 1.1) and DVC (YAML 1.2) would read differently."""
+
+    def __init__(self, node: yaml.Node, problem: str) -> None:
+        super().__init__(problem)
+        self.line = node.start_mark.line + 1
+        self.problem = problem
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """params.yaml as DVC (YAML 1.2) reads it, or an error where PyYAML's YAML 1.1 would read it
+    otherwise: `1e-3` is a float (1.1: a string); `yes`/`no`/`on`/`off` (1.1: booleans),
+    `1:30` (1.1: 90), `0755` (1.1: octal), `1_000` are refused rather than guessed, and so is a
+    key written twice (1.1 and DVC both keep the last one, silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _ReadsDifferently(key_node, f"key {key!r} is written twice; keep one")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+    def construct_yaml_bool(self, node: yaml.ScalarNode) -> bool:
+        if node.value.lower() not in ("true", "false"):
+            raise _ReadsDifferently(
+                node,
+                f"{node.value!r} is a boolean in YAML 1.1 but a string in YAML 1.2 (DVC); "
+                "write true or false, or quote it",
+            )
+        return super().construct_yaml_bool(node)
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        text = node.value.lstrip("+-")
+        octal = len(text) > 1 and text[0] == "0" and text[1] not in "xo"
+        if "_" in text or ":" in text or text.startswith("0b") or octal:
+            raise _ReadsDifferently(
+                node,
+                f"{node.value!r} is read as a number by YAML 1.1 but not the same way by "
+                "YAML 1.2 (DVC); write it in plain decimal, or quote it",
+            )
+        return super().construct_yaml_int(node)
+
+    def construct_yaml_float(self, node: yaml.ScalarNode) -> float:
+        if "_" in node.value or ":" in node.value:
+            raise _ReadsDifferently(
+                node,
+                f"{node.value!r} is read as a number by YAML 1.1 but not by YAML 1.2 "
+                "(DVC); write it in plain decimal, or quote it",
+            )
+        return super().construct_yaml_float(node)
+
+
+_Yaml12Loader.add_constructor("tag:yaml.org,2002:bool", _Yaml12Loader.construct_yaml_bool)
+_Yaml12Loader.add_constructor("tag:yaml.org,2002:int", _Yaml12Loader.construct_yaml_int)
+_Yaml12Loader.add_constructor("tag:yaml.org,2002:float", _Yaml12Loader.construct_yaml_float)
+_Yaml12Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(
         r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
@@ -373,14 +456,16 @@ _Yaml12FloatLoader.add_implicit_resolver(
 )
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
+def load_params(path: str | Path = "params.yaml", *, check_models: bool = True) -> Params:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: file not found; run genlab from the repository root")
     try:
-        raw = yaml.load(path.read_text(), Loader=_Yaml12FloatLoader)
+        raw = yaml.load(path.read_text(), Loader=_Yaml12Loader)
+    except _ReadsDifferently as exc:
+        raise ConfigError(f"{path}: line {exc.line}: {exc.problem}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}: not valid YAML{where}; fix the syntax") from None
-    return parse_params(raw, str(path))
+    return parse_params(raw, str(path), check_models=check_models)

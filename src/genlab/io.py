@@ -1,20 +1,65 @@
-"""Atomic writes: an output file is either complete or absent, never half-written."""
+"""Atomic writes: an output file is either complete or absent, never half-written.
+
+Every file genlab writes goes through `atomic_file`: a temporary file with a name of its own in
+the destination's folder (so two writers of one path never share a temporary file), flushed and
+fsynced, renamed over the destination, and the folder fsynced so the rename itself survives a
+crash. A reader sees the old file or the new one, whole.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[IO[bytes]]:
+    """A binary file to write `path`'s new contents to; in place when the block ends without an
+    exception, and nothing written (the temporary file removed) when it raises."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_folder(path.parent)
+
+
+def fsync_file(path: str | Path) -> None:
+    """Make a file written by someone else's code (torch.save to a path) durable."""
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_folder(folder: str | Path) -> None:
+    """Make a rename or a new entry in `folder` durable (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a folder: the rename is still atomic
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_file(path) as f:
+        f.write(text.encode())
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
@@ -25,12 +70,10 @@ def save_torch_atomic(obj: Any, path: str | Path) -> None:
     """torch.save into a temporary file next to `path`, renamed into place when complete."""
     import torch
 
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as f:
+        torch.save(obj, f)
+
+
+def copy_file_atomic(source: str | Path, path: str | Path) -> None:
+    with open(source, "rb") as src, atomic_file(path) as f:
+        shutil.copyfileobj(src, f)

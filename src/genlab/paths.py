@@ -22,6 +22,11 @@ BASELINE_METRICS = METRICS_DIR / "baselines.json"
 REPORT_FIGURES = REPORTS / "figures"
 
 
+# In a family's model folder (family_model_dir): the final checkpoint and its MLflow run.
+MODEL_FILE = "model.ckpt"
+RUN_FILE = "run.json"
+
+
 def seed_name(seed: int) -> str:
     return f"seed{seed}"
 

@@ -1,34 +1,8 @@
 """`genlab score FAMILY INPUT`: how likely each given image is under a trained family, and whether
 it looks like the data (an in-distribution verdict).
 
-INPUT is a folder of image files (png, jpg/jpeg, bmp, gif, tif/tiff, webp; read in name order;
-hidden files are skipped, anything else is an error), one image file, or a `.npy` array of integer
-LEVELS 0..L-1 shaped (N, C, H, W), (N, H, W) or (H, W) for 1-channel data, (C, H, W) for one
-multi-channel image. Image files must have the data's size (no resizing) and hold 8-bit pixels
-(16-bit grayscale too), mapped to levels by round(v * (L - 1) / 255) rounded half up, the inverse
-of `genlab.evaluation.grids.to_uint8_pixels`. For grayscale data an image must be grey: mode 'L',
-'1', 16-bit grey, or a palette / RGB(A) / LA image whose pixels all have R = G = B (an exact
-conversion); a colour image is an error, never converted to grey. For RGB data a grey image
-is taken as R = G = B. Transparent pixels are an error (their colour is undefined).
-
-Scores (genlab.evaluation.predict.score_images): log p(x) in nats, exact or a lower bound with
-`prediction.bound_samples` Monte Carlo draws, or -E(x) for an energy model; a conditional family
-marginalises the label, p(x) = sum_y p(x | y) p(y), with p(y) the train split's class frequencies.
-
-Verdict: the statistic `prediction.statistic` (log p(x) itself, or the typicality
--|log p(x) - mean log p(x) on validation|, Nalisnick et al. 2019) is compared with the threshold
-that rejects a fraction `prediction.fpr` of the validation split; an image is in-distribution iff
-its statistic >= that threshold.
-
-CSV columns, one row per image (`image` is the file name, or the row index of a .npy array):
-
-- exact likelihood families:  image, nats, bits_per_dim, statistic, in_distribution
-- bound likelihood families:  image, nats_bound, bits_per_dim_bound, statistic, in_distribution
-  (upper bounds on -log p(x), as `test/nll_bound_nats` in the metrics)
-- energy families:            image, energy, statistic, in_distribution
-  (E(x) = -log p(x) - log Z with log Z unknown: no nats, no bits/dim)
-
-nats = -log p(x) per image; bits_per_dim = nats / (C·H·W · ln 2); in_distribution is true/false.
+What it reads and writes (input formats, the scores, the verdict, the CSV columns) is the command's
+help, `genlab score --help` (`SCORE_DESCRIPTION` in cli.py, which imports no torch to show it).
 """
 
 from __future__ import annotations
@@ -46,6 +20,13 @@ from PIL import Image
 
 from genlab import paths
 from genlab.config import EvaluateParams, Params, PredictionParams
+from genlab.data.images import (
+    SIXTEEN_BIT_GREY,
+    ImageTooLarge,
+    eight_bit,
+    open_image,
+    pixels_to_levels,
+)
 from genlab.data.prepared import Meta, load_split, read_meta
 from genlab.errors import DataError, GenlabError
 from genlab.evaluation import ood
@@ -53,12 +34,11 @@ from genlab.evaluation.predict import Scorer, log_prior, score_images, scorer
 from genlab.io import write_text_atomic
 from genlab.models import MODELS, GenerativeModule
 from genlab.models.base import Likelihood, bits_per_dim
-from genlab.training import MODEL_FILE
+from genlab.paths import MODEL_FILE
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 # PIL modes read as 8-bit pixels through an exact conversion to RGBA.
 _EIGHT_BIT_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX")
-_SIXTEEN_BIT_GREY = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
 # ----------------------------------------------------------------------------- reading
@@ -67,13 +47,6 @@ _SIXTEEN_BIT_GREY = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 class Images(NamedTuple):
     names: list[str]  # file name per image, or its index in a .npy array
     x: torch.Tensor  # (N, C, H, W) uint8 levels 0..L-1
-
-
-def pixels_to_levels(v: np.ndarray, *, max_value: int, levels: int) -> np.ndarray:
-    """Pixel values 0..max_value -> levels round(v * (L - 1) / max_value), half up, in exact
-    integer arithmetic (so a level written by `to_uint8_pixels` reads back as itself)."""
-    v = v.astype(np.int64)
-    return (2 * v * (levels - 1) + max_value) // (2 * max_value)
 
 
 def read_images(path: str | Path, *, meta: Meta) -> Images:
@@ -116,41 +89,40 @@ def _read_image(path: Path, meta: Meta) -> torch.Tensor:
         )
     expected = "8-bit grayscale (mode 'L')" if c == 1 else "8-bit RGB (mode 'RGB')"
     try:
-        with Image.open(path) as im:
-            im.load()
+        with open_image(path, max_pixels=h * w) as im:
+            # Frames and size are in the header: checked before a pixel is decoded.
             frames, mode, size = getattr(im, "n_frames", 1), im.mode, im.size
-            if mode in _SIXTEEN_BIT_GREY:
-                pixels = np.asarray(im).astype(np.int64)[None]  # (1, H, W)
-            elif mode in _EIGHT_BIT_MODES:
-                pixels = np.asarray(im.convert("RGBA")).transpose(2, 0, 1)  # (4, H, W), exact
-            else:
+            if frames > 1:
+                raise DataError(f"{path} holds {frames} frames; save one image per file")
+            if size != (w, h):
+                raise DataError(
+                    f"{path} is {size[1]}x{size[0]} (HxW) but the model takes {h}x{w}; "
+                    f"resize to {h}x{w}"
+                )
+            if mode not in (*_EIGHT_BIT_MODES, *SIXTEEN_BIT_GREY):
                 raise DataError(f"{path} has PIL mode {mode!r}; save it as {expected}")
+            # 16-bit grey to 8 bits as `genlab prepare` reads it; the rest exactly, as RGBA.
+            pixels = np.asarray(eight_bit(im).convert("RGBA")).transpose(2, 0, 1)  # (4, H, W)
+    except ImageTooLarge as exc:
+        size = exc.size
+        raise DataError(
+            f"{path} is {size[1]}x{size[0]} (HxW) but the model takes {h}x{w}; resize to {h}x{w}"
+        ) from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         if isinstance(exc, DataError):
             raise
         raise DataError(f"cannot read image {path}: {exc}; replace or remove the file") from None
-    if frames > 1:
-        raise DataError(f"{path} holds {frames} frames; save one image per file")
-    if size != (w, h):
-        raise DataError(
-            f"{path} is {size[1]}x{size[0]} (HxW) but the model takes {h}x{w}; resize to {h}x{w}"
-        )
-    if mode in _SIXTEEN_BIT_GREY:
-        if pixels.min() < 0 or pixels.max() > 65535:
-            raise DataError(f"{path} has 32-bit integer pixels; save it as {expected}")
-        lv = pixels_to_levels(pixels, max_value=65535, levels=meta.levels)  # (1, H, W)
-    else:
-        if (pixels[3] != 255).any():
-            raise DataError(f"{path} has transparent pixels; flatten it and save it as {expected}")
-        rgb = pixels[:3]  # (3, H, W)
-        if c == 1:
-            if (rgb != rgb[:1]).any():
-                raise DataError(
-                    f"{path} is a colour image (mode {mode!r}) but the data is grayscale; "
-                    f"save it as {expected} (colour is not converted to grey for you)"
-                )
-            rgb = rgb[:1]  # (1, H, W)
-        lv = pixels_to_levels(rgb, max_value=255, levels=meta.levels)
+    if (pixels[3] != 255).any():
+        raise DataError(f"{path} has transparent pixels; flatten it and save it as {expected}")
+    rgb = pixels[:3]  # (3, H, W)
+    if c == 1:
+        if (rgb != rgb[:1]).any():
+            raise DataError(
+                f"{path} is a colour image (mode {mode!r}) but the data is grayscale; "
+                f"save it as {expected} (colour is not converted to grey for you)"
+            )
+        rgb = rgb[:1]  # (1, H, W)
+    lv = pixels_to_levels(rgb, max_value=255, levels=meta.levels)
     out = torch.from_numpy(np.ascontiguousarray(lv)).to(torch.uint8)
     return out.expand(c, h, w).clone()  # a grey image for RGB data: R = G = B
 

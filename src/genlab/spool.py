@@ -45,7 +45,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from genlab.errors import TrackingError
-from genlab.tracking import check_reachable, short_http_retries
+from genlab.io import write_text_atomic
+from genlab.tracking import check_reachable, short_http_retries, without_userinfo
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +208,9 @@ class Spool:
         Raises ValueError if it still holds records of another run: they must be synced first,
         never replayed into the wrong run.
         """
+        # Credentials never go into the spool (a DVC output): `genlab sync` takes them from
+        # MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD.
+        tracking_uri = without_userinfo(tracking_uri)
         if self.exists() and self.pending():
             header = self.header()
             if (header["tracking_uri"], header["run_id"]) != (tracking_uri, run_id):
@@ -219,10 +223,7 @@ class Spool:
     def _write_header(self) -> None:
         if self._binding is None or (self.exists() and self.header() == self._binding):
             return
-        self.path.mkdir(parents=True, exist_ok=True)
-        tmp = self.path / f".{HEADER}.tmp"
-        tmp.write_text(json.dumps(self._binding, indent=2) + "\n")
-        os.replace(tmp, self.path / HEADER)
+        write_text_atomic(self.path / HEADER, json.dumps(self._binding, indent=2) + "\n")
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -231,9 +232,7 @@ class Spool:
         return int(cursor.read_text()) if cursor.is_file() else 0
 
     def _set_offset(self, offset: int) -> None:
-        tmp = self.path / f".{CURSOR}.tmp"
-        tmp.write_text(str(offset))
-        os.replace(tmp, self.path / CURSOR)
+        write_text_atomic(self.path / CURSOR, str(offset))
 
     def pending(self) -> bool:
         """True while some record has not been accepted by the store."""
@@ -503,7 +502,7 @@ class SpoolingMLFlowLogger(MLFlowLogger):
             log.warning(
                 "MLflow store %s still unreachable at the end of training: the spool %s is "
                 "kept; run `genlab sync %s` once the store is back",
-                self._tracking_uri,
+                without_userinfo(self._tracking_uri),
                 self.spool.path,
                 self.spool.path,
             )
@@ -552,7 +551,7 @@ class SpoolingMLFlowLogger(MLFlowLogger):
         if self._outage:
             log.warning(
                 "MLflow store %s is back: replayed %s from %s",
-                self._tracking_uri,
+                without_userinfo(self._tracking_uri),
                 counts.summary(),
                 self.spool.path,
             )
@@ -566,7 +565,7 @@ class SpoolingMLFlowLogger(MLFlowLogger):
             log.warning(
                 "MLflow store %s unreachable (%s); training goes on, logging is spooled to %s "
                 "and replayed when the store is back (or by `genlab sync %s`)",
-                self._tracking_uri,
+                without_userinfo(self._tracking_uri),
                 str(exc).splitlines()[0][:200],
                 self.spool.path,
                 self.spool.path,

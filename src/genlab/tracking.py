@@ -4,8 +4,9 @@
   SQLite file `mlflow.db` at the repository root. The root comes from `DVC_ROOT`, which DVC sets to
   the real repository also when a stage runs in an experiment's temporary copy (`dvc exp run
   --temp` / `--queue`), so every run lands in the same store.
-- Experiments are created with an absolute artifact location at the repository root
-  (`mlartifacts/`) for local stores, never one relative to a temporary working directory.
+- Experiments of a SQLite store are created with an absolute artifact location next to the store
+  file (`mlartifacts/`; at the repository root for the default store), never one relative to a
+  temporary working directory.
 - One run per family training; its id is kept in `run.json` next to the final checkpoint so the
   evaluate stage logs into the same run.
 - Only global rank 0 talks to MLflow.
@@ -22,6 +23,7 @@ import socket
 import subprocess
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -63,6 +65,16 @@ def resolve_tracking_uri(params_uri: str | None = None) -> str:
             f"Use sqlite:///path/to/mlflow.db or http://host:port"
         )
     return _absolute_sqlite(uri)
+
+
+def without_userinfo(uri: str) -> str:
+    """`uri` without a user name or password (`http://user:secret@host` -> `http://host`): what
+    genlab writes into run.json, a spool, a log line or an MLflow param. Credentials come from
+    MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, or the URI given at run time."""
+    parts = urllib.parse.urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
 
 
 def is_local_store(uri: str) -> bool:
@@ -109,6 +121,7 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     be writable (the file itself is created on first use). Other schemes are not checked.
     """
     fix = "fix MLFLOW_TRACKING_URI or tracking.uri in params.yaml"
+    uri = without_userinfo(uri)  # /health needs no credentials, and messages show none
     if uri.startswith(("http://", "https://")):
         url = uri.rstrip("/") + "/health"
         try:
@@ -154,8 +167,10 @@ def ensure_experiment(client: MlflowClient, name: str) -> str:
             client.restore_experiment(exp.experiment_id)
         return exp.experiment_id
     location = None
-    if is_local_store(client.tracking_uri):
-        location = (project_root() / DEFAULT_ARTIFACTS).as_uri()
+    if is_local_store(client.tracking_uri):  # the store and its artifacts, side by side
+        store = Path(client.tracking_uri.removeprefix("sqlite:///"))
+        folder = store.parent if store.is_absolute() else project_root()
+        location = (folder / DEFAULT_ARTIFACTS).as_uri()
     try:
         return client.create_experiment(name, artifact_location=location)
     except Exception:
@@ -195,11 +210,17 @@ def provenance_tags(*, stage: str, data_sha256: str) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class RunRecord:
-    """Where a family's training run lives; written as run.json beside its checkpoints."""
+    """Where a family's training run lives; written as run.json beside its checkpoints (the
+    tracking URI without credentials)."""
 
     experiment_id: str
     run_id: str
     tracking_uri: str
+
+    def connect_uri(self, current: str) -> str:
+        """The URI to reach this run's store with: `current` (the one resolved now, with its
+        credentials) when it names the same store, else the recorded one."""
+        return current if without_userinfo(current) == self.tracking_uri else self.tracking_uri
 
     def save(self, path: str | Path) -> None:
         write_json_atomic(path, asdict(self))
@@ -219,7 +240,7 @@ def start_run(
 ) -> RunRecord:
     experiment_id = ensure_experiment(client, experiment)
     run = client.create_run(experiment_id, run_name=run_name, tags=tags)
-    return RunRecord(experiment_id, run.info.run_id, client.tracking_uri)
+    return RunRecord(experiment_id, run.info.run_id, without_userinfo(client.tracking_uri))
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -257,6 +278,7 @@ def log_evaluation(
     record: RunRecord,
     metrics: dict[str, float],
     *,
+    params_uri: str | None,
     step: int,
     protocol: dict[str, Any],
     artifacts: list[Path],
@@ -268,7 +290,7 @@ def log_evaluation(
     """
     if not is_global_zero():
         return
-    client = MlflowClient(record.tracking_uri)
+    client = MlflowClient(record.connect_uri(resolve_tracking_uri(params_uri)))
     tags = {f"eval.{key}": value for key, value in protocol.items()}
     try:
         _log_all(client, record.run_id, metrics, tags, artifacts, "evaluation", step)
@@ -303,7 +325,7 @@ def _log_run(
         client.set_terminated(record.run_id)
     except MlflowException as exc:
         raise TrackingError(
-            f"could not log the {artifact_dir} run to {client.tracking_uri}: "
+            f"could not log the {artifact_dir} run to {without_userinfo(client.tracking_uri)}: "
             f"{exc.message.splitlines()[0]}; the files are written, re-run the stage once the "
             f"store is reachable"
         ) from None

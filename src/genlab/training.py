@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import time
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -33,7 +33,9 @@ from genlab.data.prepared import read_meta
 from genlab.errors import TrainingDiverged, TrainingInterrupted
 from genlab.evaluation.grids import image_grid
 from genlab.evaluation.vocabulary import NUM_PARAMS, TRAIN_WALL_S, nll_key
+from genlab.io import copy_file_atomic
 from genlab.models import MODELS, GenerativeModule
+from genlab.paths import MODEL_FILE, RUN_FILE
 from genlab.spool import SpoolingMLFlowLogger
 from genlab.tracking import (
     RunRecord,
@@ -44,12 +46,12 @@ from genlab.tracking import (
     resolve_tracking_uri,
     short_http_retries,
     start_run,
+    without_userinfo,
 )
 
-RUN_FILE = "run.json"
-MODEL_FILE = "model.ckpt"
 SPOOL_DIR = "spool"  # <checkpoint dir>/spool: MLflow calls that failed, for `genlab sync`
 LAST = "last"  # in-progress checkpoint: <checkpoint_root>/<config hash>/last.ckpt
+BEST = "best"  # the best validation epoch so far (likelihood families), next to it
 NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
 # Two of Lightning's warnings that are wrong about a genlab fit, printed by every training: the
 # checkpoint folder holds the run's run.json (and any spool) before its first checkpoint, and the
@@ -223,6 +225,55 @@ class SignalCheckpoint(Callback):
         trainer.save_checkpoint(self.ckpt_dir / f"{LAST}.ckpt")
 
 
+class MovableCheckpoint(ModelCheckpoint):
+    """A ModelCheckpoint whose state survives a move of its folder (`dvc exp run --temp`, a moved
+    or re-cloned repository).
+
+    Lightning restores a checkpoint callback's state only when the folder has the absolute path
+    it had when the state was saved; otherwise it keeps `best_model_path` alone, naming a file in
+    the old folder, and forgets the best score: a resumed fit then takes its next epoch as the
+    best whatever its score, or fails copying a file that is not there. Every path in this
+    state names a file of the checkpoint folder, so here they move with it."""
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        old = state_dict.get("dirpath")
+        if old is not None and self.dirpath is not None and old != self.dirpath:
+
+            def moved(path: str) -> str:
+                return str(Path(self.dirpath) / Path(path).name) if path else path
+
+            state_dict = state_dict | {
+                "dirpath": self.dirpath,
+                "best_model_path": moved(state_dict["best_model_path"]),
+                "kth_best_model_path": moved(state_dict.get("kth_best_model_path", "")),
+                "last_model_path": moved(state_dict.get("last_model_path", "")),
+                "best_k_models": {
+                    moved(path): score
+                    for path, score in state_dict.get("best_k_models", {}).items()
+                },
+            }
+        super().load_state_dict(state_dict)
+
+
+def resume_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The checkpoint a fit resumes from: last.ckpt, or if it cannot be read (a torn or
+    corrupted file) the best-validation checkpoint, the previous good state, with a warning;
+    None: a fresh start."""
+    for name in (LAST, BEST):
+        path = ckpt_dir / f"{name}.ckpt"
+        if not path.is_file():
+            continue
+        try:  # mmap: the file is checked without being read into memory
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # any failure to read it means: not this one
+            warnings.warn(f"{path} cannot be read ({exc}); not resuming from it", stacklevel=2)
+            continue
+        return path
+    if (ckpt_dir / f"{LAST}.ckpt").is_file():
+        warnings.warn(f"no readable checkpoint in {ckpt_dir}: training starts afresh", stacklevel=2)
+    return None
+
+
 class SampleGridCallback(Callback):
     """Logs a grid of samples to the MLflow run every `every_n_epochs` epochs and at the end.
 
@@ -268,12 +319,6 @@ def _callbacks(
         StepSeeds(seed),
         finite,
         SignalCheckpoint(ckpt_dir, finite),
-        # The latest epoch, every epoch, for resume. Not `save_last=True`: since Lightning 2.6 it
-        # writes last.ckpt only in steps where a top-k checkpoint was saved. No version counter,
-        # so a resumed fit keeps writing the same file.
-        ModelCheckpoint(
-            dirpath=ckpt_dir, filename=LAST, save_top_k=1, enable_version_counter=False
-        ),
         SampleGridCallback(
             params.trainer.sample_every_n_epochs, params.trainer.sample_grid_size, seed
         ),
@@ -281,9 +326,12 @@ def _callbacks(
     best = None
     if model.likelihood != "none":
         monitor = nll_key("val", model.likelihood)
-        best = ModelCheckpoint(
+        # Before last.ckpt's callback (checkpoint callbacks run in list order, after the
+        # others): an epoch's last.ckpt then holds the best score that epoch made, and a fit
+        # resumed from it never takes a worse epoch for the best.
+        best = MovableCheckpoint(
             dirpath=ckpt_dir,
-            filename="best",
+            filename=BEST,
             monitor=monitor,
             mode="min",
             save_top_k=1,
@@ -294,6 +342,14 @@ def _callbacks(
             callbacks.append(
                 EarlyStopping(monitor=monitor, mode="min", patience=fp.early_stopping_patience)
             )
+    # The latest epoch, every epoch, for resume. Not `save_last=True`: since Lightning 2.6 it
+    # writes last.ckpt only in steps where a top-k checkpoint was saved. No version counter, so a
+    # resumed fit keeps writing the same file.
+    callbacks.append(
+        MovableCheckpoint(
+            dirpath=ckpt_dir, filename=LAST, save_top_k=1, enable_version_counter=False
+        )
+    )
     return callbacks, best
 
 
@@ -314,7 +370,7 @@ def _open_run(params: Params, run_name: str, ckpt_dir: Path, tags: dict[str, str
     with short_http_retries():
         if record_path.is_file():
             record = RunRecord.load(record_path)
-            if record.tracking_uri == client.tracking_uri:
+            if record.tracking_uri == without_userinfo(client.tracking_uri):
                 client.set_terminated(record.run_id, status="RUNNING")
                 return record
         record = start_run(client, params.experiment_name, run_name=run_name, tags=tags)
@@ -394,7 +450,7 @@ def train_family(
         # when the server is back, at the end of the fit, or by `genlab sync`.
         loggers.append(
             SpoolingMLFlowLogger(
-                tracking_uri=record.tracking_uri,
+                tracking_uri=record.connect_uri(resolve_tracking_uri(params.tracking.uri)),
                 run_id=record.run_id,
                 spool_dir=ckpt_dir / SPOOL_DIR,
                 experiment_id=record.experiment_id,
@@ -428,9 +484,11 @@ def train_family(
         world = {"trainer.world_size": trainer.world_size}
         world |= {"trainer.global_batch_size": fp.batch_size * trainer.world_size}
         logger.log_hyperparams(flatten(config) | data | model_info | world)
-        logger.log_text(yaml.safe_dump(params.model_dump()), "params.yaml")
-    last = ckpt_dir / f"{LAST}.ckpt"
-    resume = last if last.is_file() else None
+        resolved = params.resolved()
+        if resolved["tracking"]["uri"]:  # never a password into the run
+            resolved["tracking"]["uri"] = without_userinfo(resolved["tracking"]["uri"])
+        logger.log_text(yaml.safe_dump(resolved), "params.yaml")
+    resume = resume_checkpoint(ckpt_dir)
     try:
         with without_nvml_cuda_check(), without_misleading_warnings():
             trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
@@ -459,8 +517,7 @@ def train_family(
         # The checkpoint with the best validation likelihood, not the last one: on small data
         # the likelihood families overfit long before max_epochs.
         if trainer.is_global_zero:
-            shutil.copyfile(best.best_model_path, out_dir / f".{MODEL_FILE}.tmp")
-            os.replace(out_dir / f".{MODEL_FILE}.tmp", final)
+            copy_file_atomic(best.best_model_path, final)
     else:
         # Every rank takes part (a barrier inside); rank 0 writes, through a temporary file.
         trainer.save_checkpoint(final)

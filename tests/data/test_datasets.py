@@ -281,16 +281,16 @@ def test_folder_corrupt_error_names_the_file(tmp_path: Path) -> None:
     assert "dataset.corrupt: skip" in message
 
 
-def test_folder_16_bit_grayscale_keeps_its_top_byte(tmp_path: Path) -> None:
+def test_folder_16_bit_grayscale_is_rounded_to_8_bits(tmp_path: Path) -> None:
     """Pillow's own convert() clips 16-bit pixels at 255 (every value above 255 would read
-    white); the loader keeps the top 8 bits instead."""
+    white); the loader rounds v * 255 / 65535 instead (genlab.data.images, as `genlab score`)."""
     (tmp_path / "images" / "scan").mkdir(parents=True)
     for i in range(10):
         pixels = np.full((12, 12), 40000 + 256 * i, dtype=np.uint16)
         Image.fromarray(pixels).save(tmp_path / "images" / "scan" / f"{i}.png")  # mode I;16
     x, _ = _all(load_dataset(_folder(tmp_path / "images", image_size=8, channels=1)))
     assert x.shape == (10, 1, 8, 8)
-    assert sorted(int(img.unique()) for img in x) == list(range(156, 166))  # 40000 >> 8 = 156
+    assert sorted(int(img.unique()) for img in x) == list(range(156, 166))  # 155.6 -> 156
 
 
 def _write_tiny_classes(root: Path, per_class: dict[str, int]) -> None:

@@ -83,7 +83,8 @@ def test_train_evaluator_writes_documented_file(trained_evaluator) -> None:
     assert result.val_accuracy > 0.3  # chance is 0.1
     assert result.num_params == sum(p.numel() for p in load_classifier(path).parameters())
     # Training reports nothing about the test split (its accuracy is the baselines stage's).
-    assert EvaluatorResult._fields == ("val_accuracy", "num_params")
+    assert EvaluatorResult._fields == ("val_accuracy", "num_params", "global_zero")
+    assert result.global_zero  # one process: it wrote the file
 
 
 def test_the_kept_weights_classify_unseen_test_images(trained_evaluator) -> None:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from genlab.data.images import eight_bit, open_image
 from genlab.errors import DataError
 
 if TYPE_CHECKING:
@@ -220,7 +221,7 @@ def load_folder(
         )
     folder = ImageFolder(
         root,
-        loader=partial(_read_image, mode="L" if channels == 1 else "RGB"),
+        loader=partial(_read_image, mode="L" if channels == 1 else "RGB", size=image_size),
         transform=transforms.Compose(
             [
                 transforms.Resize(image_size),  # the short side, antialiased
@@ -287,19 +288,14 @@ def load_folder(
     return RawDataset(splits=splits, levels=256, class_names=list(folder.classes))
 
 
-def _read_image(path: str, *, mode: Literal["L", "RGB"]) -> Image.Image:
-    import numpy as np
-    from PIL import Image, ImageOps
+def _read_image(path: str, *, mode: Literal["L", "RGB"], size: int) -> Image.Image:
+    """One image of a folder dataset, in `mode`, decoded no larger than needed to resize its
+    short side to `size` (genlab.data.images: bounded, 16-bit grey as `genlab score` reads it)."""
+    from PIL import ImageOps
 
-    with Image.open(path) as image:
+    with open_image(path, at_least=(size, size)) as image:
         # Cameras store photos sideways plus an EXIF rotation tag.
-        image = ImageOps.exif_transpose(image)
-        if image.mode.startswith("I"):
-            # 16-bit grayscale (PNG, TIFF): Pillow's convert() clips it at 255; keep the top byte.
-            top = np.asarray(image).astype(np.int64).clip(0, 65535) >> 8
-            image = Image.fromarray(top.astype(np.uint8))
-        elif image.mode == "F":
-            raise ValueError("floating-point pixels (mode F): save the image with 8 or 16 bits")
+        image = eight_bit(ImageOps.exif_transpose(image))
         return image.convert(mode)  # reads the pixels: a broken file raises here
 
 

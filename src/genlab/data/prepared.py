@@ -23,6 +23,7 @@ import torch
 
 from genlab.data.datasets import Split, load_dataset
 from genlab.errors import DataError
+from genlab.io import fsync_file, fsync_folder, write_text_atomic
 
 if TYPE_CHECKING:
     from genlab.config import DatasetParams
@@ -108,12 +109,17 @@ def prepare(params: DatasetParams, out_dir: str | Path) -> Meta:
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the prepared data is not secret
         for name in SPLITS:
-            torch.save({"x": raw.splits[name].x, "y": raw.splits[name].y}, tmp / f"{name}.pt")
-        (tmp / "meta.json").write_text(json.dumps(meta.to_json(), indent=2) + "\n")
+            split = raw.splits[name]
+            # To the path, not a file object: torch names the archive's root folder after it,
+            # so the bytes (and DVC's hash of the folder) stay those of earlier versions.
+            torch.save({"x": split.x, "y": split.y}, tmp / f"{name}.pt")
+            fsync_file(tmp / f"{name}.pt")
+        write_text_atomic(tmp / "meta.json", json.dumps(meta.to_json(), indent=2) + "\n")
         # Two renames: there is always a complete folder at one of the two names.
         if out_dir.exists():
             os.replace(out_dir, old)
         os.replace(tmp, out_dir)
+        fsync_folder(out_dir.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)

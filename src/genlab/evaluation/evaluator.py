@@ -226,6 +226,7 @@ class EvaluatorModule(L.LightningModule):
 class EvaluatorResult(NamedTuple):
     val_accuracy: float  # of the kept (best) epoch
     num_params: int
+    global_zero: bool  # this process wrote the evaluator (the others of a DDP launch did not)
 
 
 def train_evaluator(
@@ -288,6 +289,7 @@ def train_evaluator(
     result = EvaluatorResult(
         val_accuracy=module.best_val_accuracy,
         num_params=sum(p.numel() for p in module.classifier.parameters()),
+        global_zero=fitter.is_global_zero,
     )
     if fitter.is_global_zero:
         save_evaluator(

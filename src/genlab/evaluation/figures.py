@@ -30,6 +30,7 @@ from genlab.evaluation.report import (
     worst_ood,
 )
 from genlab.evaluation.vocabulary import Estimate
+from genlab.io import atomic_file
 
 FIGURES = (
     "generation",
@@ -45,12 +46,12 @@ BASELINE_STYLE = {COPYCAT: "tab:red", HELDOUT: "tab:green", REAL: "tab:green"}
 
 def _save(fig: Figure, path: Path) -> Path:
     """Write atomically: a PNG is either complete or absent."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     fig.tight_layout()
-    fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with atomic_file(path) as f:
+            fig.savefig(f, dpi=100, format="png")
+    finally:
+        plt.close(fig)
     return path
 
 

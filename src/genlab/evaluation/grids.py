@@ -9,6 +9,8 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid
 
+from genlab.io import atomic_file
+
 
 def to_uint8_pixels(x: torch.Tensor, levels: int) -> torch.Tensor:
     """Levels 0..L-1 -> pixel values 0..255, rounded."""
@@ -26,8 +28,5 @@ def image_grid(x: torch.Tensor, levels: int, *, nrow: int = 8, scale: int = 4) -
 
 def save_png(grid: np.ndarray, path: str | Path) -> None:
     """Write atomically: a PNG is either complete or absent."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(grid).save(tmp, format="PNG")
-    tmp.replace(path)
+    with atomic_file(path) as f:
+        Image.fromarray(grid).save(f, format="PNG")

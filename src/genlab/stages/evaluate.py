@@ -7,7 +7,9 @@ The metrics file holds the metrics (each with its interval or standard error) an
 tags.
 """
 
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -21,20 +23,23 @@ from genlab.evaluation.grids import save_png
 from genlab.evaluation.vocabulary import PROTOCOL, is_uncertainty
 from genlab.io import write_json_atomic
 from genlab.models import MODELS
+from genlab.paths import MODEL_FILE, RUN_FILE
 from genlab.tracking import RunRecord, flatten, log_evaluation
-from genlab.training import MODEL_FILE, RUN_FILE
 
 
 def write_grids(grids: dict[str, np.ndarray], folder: Path) -> list[Path]:
     """`folder`/<name>.png for every grid, replacing the folder whole: it is written next to the
     old one and swapped in, so it never mixes grids of two evaluations."""
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name, grid in grids.items():
-        save_png(grid, tmp / f"{name}.png")
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the grids are not secret
+        for name, grid in grids.items():
+            save_png(grid, tmp / f"{name}.png")
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return [folder / f"{name}.png" for name in grids]
 
 
@@ -71,6 +76,7 @@ def main(params: Params, family: str, seed: int) -> None:
     log_evaluation(
         record,
         result.metrics,
+        params_uri=params.tracking.uri,
         step=step,
         protocol=flatten(protocol),
         artifacts=[*figures, metrics_file],

@@ -18,5 +18,7 @@ def main(params: Params) -> None:
         trainer=params.trainer,
         seed=params.evaluator.seed,
     )
+    if not result.global_zero:  # one writer of the shared file: rank 0
+        return
     write_json_atomic(paths.EVALUATOR_METRICS, {v.evaluator_acc("val"): result.val_accuracy})
     print(f"evaluator: validation accuracy {result.val_accuracy:.4f}")

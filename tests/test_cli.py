@@ -1,0 +1,71 @@
+"""The `genlab` command is an ordinary process that imports what the command needs, no more."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pytest
+
+from genlab import paths
+from genlab.families import FAMILIES
+from genlab.models import MODELS
+
+REPO = Path(__file__).resolve().parents[1]
+HEAVY = ("torch", "lightning", "mlflow", "torch_fidelity", "torchvision", "matplotlib")
+
+
+def _imported_by(argv: list[str], cwd: Path) -> list[str]:
+    """Run `genlab.cli.main(argv)` in a fresh interpreter in `cwd`: which of HEAVY it imported
+    (the command's exit code must be 0)."""
+    code = (
+        "import json, sys\n"
+        "from genlab.cli import main\n"
+        "try:\n"
+        f"    code = main({argv!r})\n"
+        "except SystemExit as exit:\n"
+        "    code = exit.code\n"
+        "assert code == 0, code\n"
+        f"print(json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, check=True
+    ).stdout
+    return json.loads(out.splitlines()[-1])
+
+
+def test_the_console_script_is_the_cli_itself() -> None:
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "genlab"]
+    assert script.value == "genlab.cli:main"
+    genlab = shutil.which("genlab", path=str(Path(sys.executable).parent))
+    result = subprocess.run([genlab, "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    assert all(family in result.stdout for family in ("prepare", "train", "score", "sync"))
+
+
+def test_help_imports_no_torch(tmp_path: Path) -> None:
+    assert _imported_by(["--help"], tmp_path) == []
+    assert _imported_by(["score", "--help"], tmp_path) == []
+
+
+def test_prepare_imports_no_lightning(tmp_path: Path) -> None:
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    assert _imported_by(["prepare"], tmp_path) == ["torch"]
+    assert (tmp_path / paths.PREPARED / "meta.json").is_file()
+
+
+def test_the_light_family_names_are_the_registry() -> None:
+    assert tuple(MODELS) == FAMILIES
+
+
+@pytest.mark.parametrize("module", ["genlab.config", "genlab.paths", "genlab.families"])
+def test_names_and_params_import_no_torch(module: str) -> None:
+    code = f"import sys, {module}; print(any(m in sys.modules for m in {HEAVY!r}))"
+    env = os.environ | {"PYTHONDONTWRITEBYTECODE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.stdout.strip() == "False", out.stderr
