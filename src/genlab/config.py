@@ -1,7 +1,8 @@
 """Strict, typed models of `params.yaml`, the one source of hyperparameters.
 
 Every stage loads the whole file through `load_params`, so a bad key anywhere fails every stage the
-same way: one line naming the key, a non-zero exit, nothing written.
+same way: one line naming the key, a non-zero exit, nothing written (model sections: every stage
+after `prepare`, the first being `evaluator`).
 
 A family's section (`models.<family>`) is not written out here: its schema is the family's
 constructor (typed, defaulted keyword arguments, STYLE.md rule 3) plus the training keys every
