@@ -371,3 +371,39 @@ def test_credentials_are_stripped_from_every_uri_genlab_writes(uri: str, written
     record = RunRecord("1", "abc", without_userinfo(uri))
     assert record.connect_uri(uri) == uri  # the same store: connect with the credentials
     assert record.connect_uri("http://elsewhere:1") == written
+
+
+def test_replay_sends_only_the_spools_own_files_and_a_missing_one_blocks_nothing(
+    tmp_path: Path,
+) -> None:
+    """A spool is a DVC output (anyone who can write the remote can write it): a record naming
+    a file outside its files/ folder (absolute, `..`, a symlink) is refused and that file is
+    neither uploaded nor deleted; a payload deleted by hand is refused and the records after it
+    still go."""
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = client.create_run(ensure_experiment(client, "trust")).info.run_id
+    victim = tmp_path / "victim.txt"
+    victim.write_text("not yours")
+    spool = Spool(tmp_path / "spool")
+    spool.bind(client.tracking_uri, run_id)
+    spool.append({"kind": "artifact", "artifact_path": "checkpoint"}, victim)  # a real one
+    (own,) = (spool.path / "files").iterdir()
+    (spool.path / "files" / "link.txt").symlink_to(victim)
+    forged = [str(victim), "../../victim.txt", "link.txt", own.name]
+    with open(spool.path / RECORDS, "a") as f:
+        for name in forged:
+            f.write(json.dumps({"kind": "artifact", "artifact_path": "evil", "file": name}) + "\n")
+    spool.append({"kind": "artifact", "artifact_path": "gone"}, victim)
+    (gone,) = {*(spool.path / "files").iterdir()} - {own, spool.path / "files" / "link.txt"}
+    gone.unlink()  # deleted by hand
+    spool.append({"kind": "metrics", "metrics": [[v.TRAIN_LOSS, 0.5, 1000, 0]]})
+
+    counts = spool.replay(client)
+    # The genuine artifact and the metric went; three forged records and the missing file were
+    # refused; the duplicate of the genuine name found its file already sent and deleted.
+    assert (counts.artifacts, counts.metrics, counts.rejected) == (1, 1, 5)
+    assert not spool.pending()
+    assert victim.read_text() == "not yours"
+    assert [a.path for a in client.list_artifacts(run_id)] == ["checkpoint"]
+    rejected = [json.loads(line) for line in (spool.path / REJECTED).read_text().splitlines()]
+    assert [r["file"] for r in rejected[:3]] == forged[:3]

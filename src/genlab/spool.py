@@ -21,6 +21,7 @@ header and lock file; the lock serialises the training process and `genlab sync`
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -313,11 +314,29 @@ class Spool:
             if group or f.tell() > self._offset():
                 yield group, f.tell()  # (an empty group: only torn lines were left)
 
-    def _payload(self, record: dict[str, Any]) -> Any:
+    def _own_file(self, record: dict[str, Any]) -> Path | None:
+        """The payload file a record names, which must be a plain file of this spool's files/
+        folder: a spool is a DVC output, so whoever can write the DVC remote wrote this record,
+        and an absolute, `..` or symlinked name would make `genlab sync` upload (and delete)
+        a file of theirs choosing. ValueError if it is not; None for a record without one."""
         if "file" not in record:
             return None
-        path = self.path / FILES / record["file"]
-        return np.load(path) if record["kind"] == "image" else path
+        name = record["file"]
+        folder = (self.path / FILES).resolve()
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            raise ValueError(f"payload name {name!r} is not a file name of {folder}")
+        path = folder / name
+        if path.is_symlink() or path.resolve().parent != folder:
+            raise ValueError(f"payload {path} leads outside {folder}")
+        return path
+
+    def _payload(self, record: dict[str, Any]) -> Any:
+        path = self._own_file(record)
+        if path is None:
+            return None
+        if not path.is_file():  # deleted by hand: a record that can never be sent
+            raise FileNotFoundError(f"payload {path} is missing")
+        return np.load(path, allow_pickle=False) if record["kind"] == "image" else path
 
     def replay(self, client: MlflowClient) -> ReplayCounts:
         """Send every pending record to `client`, in order; raise on the first outage.
@@ -340,7 +359,7 @@ class Spool:
                     record = group[0]
                 try:
                     payload = self._payload(record)
-                except OSError as exc:  # a payload file deleted by hand: nothing to send
+                except (OSError, ValueError) as exc:  # missing or not the spool's own: refused
                     self.reject(group, exc)
                     counts.rejected += len(group)
                     self._set_offset(end)
@@ -356,8 +375,9 @@ class Spool:
                     counts.add(record)
                 self._set_offset(end)
                 for r in group:
-                    if "file" in r:
-                        (self.path / FILES / r["file"]).unlink(missing_ok=True)
+                    with contextlib.suppress(ValueError):  # never delete what is not ours
+                        if (own := self._own_file(r)) is not None:
+                            own.unlink(missing_ok=True)
             self._drop_replayed()
         return counts
 
