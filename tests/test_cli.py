@@ -69,3 +69,32 @@ def test_names_and_params_import_no_torch(module: str) -> None:
     env = os.environ | {"PYTHONDONTWRITEBYTECODE": "1"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_a_dataset_too_small_for_the_evaluation_fails_at_prepare_and_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Two validation images cannot make sample sets for a 3-nearest-neighbour precision and
+    recall: `genlab prepare` says so, before anything is written or trained."""
+    import numpy as np
+    from PIL import Image
+
+    from genlab.cli import main
+
+    (tmp_path / "images" / "a").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(20):
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(
+            tmp_path / "images" / "a" / f"{i}.png"
+        )
+    params = {
+        "families": ["vae"],
+        "dataset": {"name": "folder", "path": str(tmp_path / "images"), "image_size": 8},
+    }
+    (tmp_path / "params.yaml").write_text(json.dumps(params))  # JSON is YAML
+    monkeypatch.chdir(tmp_path)
+    assert main(["prepare"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "would hold 2 images but the evaluation needs at least 4" in err
+    assert not (tmp_path / paths.PREPARED).exists()

@@ -423,21 +423,21 @@ class _Yaml12Loader(yaml.SafeLoader):
         text = node.value.lstrip("+-")
         octal = len(text) > 1 and text[0] == "0" and text[1] not in "xo"
         if "_" in text or ":" in text or text.startswith("0b") or octal:
-            raise _ReadsDifferently(
-                node,
-                f"{node.value!r} is read as a number by YAML 1.1 but not the same way by "
-                "YAML 1.2 (DVC); write it in plain decimal, or quote it",
-            )
+            raise _number_differs(node)
         return super().construct_yaml_int(node)
 
     def construct_yaml_float(self, node: yaml.ScalarNode) -> float:
         if "_" in node.value or ":" in node.value:
-            raise _ReadsDifferently(
-                node,
-                f"{node.value!r} is read as a number by YAML 1.1 but not by YAML 1.2 "
-                "(DVC); write it in plain decimal, or quote it",
-            )
+            raise _number_differs(node)
         return super().construct_yaml_float(node)
+
+
+def _number_differs(node: yaml.ScalarNode) -> _ReadsDifferently:
+    return _ReadsDifferently(
+        node,
+        f"{node.value!r} is read as a number by YAML 1.1 but not the same way by YAML 1.2 (DVC); "
+        "write it in plain decimal, or quote it",
+    )
 
 
 _Yaml12Loader.add_constructor("tag:yaml.org,2002:bool", _Yaml12Loader.construct_yaml_bool)

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -74,18 +75,25 @@ class Meta:
         }
 
 
-def prepare(params: DatasetParams, out_dir: str | Path) -> Meta:
+def prepare(
+    params: DatasetParams,
+    out_dir: str | Path,
+    check: Callable[[dict[str, int]], None] | None = None,
+) -> Meta:
     """Load the dataset `params` names and write its splits and meta.json to `out_dir`, atomically.
 
     The dataset is loaded (or fails: missing files, a failed download, ...) before anything is
     written. Everything is written into a sibling temporary folder first and moved into place at
     the end, so a failure leaves either the previous folder or nothing, never a half-written one.
+    `check`, if given, sees the split sizes before anything is written and may raise.
     """
     dataset = params.name
     raw = load_dataset(params)
     for name, s in raw.splits.items():
         if len(s) == 0:
             raise DataError(f"{dataset}: the {name} split is empty")
+    if check is not None:  # e.g. the evaluation's needs (genlab.evaluation.sizes), before writing
+        check({name: len(s) for name, s in raw.splits.items()})
     shapes = {tuple(s.x.shape[1:]) for s in raw.splits.values()}
     if len(shapes) != 1:
         raise ValueError(f"{dataset}: splits have different image shapes {sorted(shapes)}")

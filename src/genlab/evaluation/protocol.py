@@ -31,31 +31,16 @@ from torch import Tensor
 
 from genlab.config import EvaluateParams, config_hash
 from genlab.data.prepared import Meta, load_split, read_meta
-from genlab.errors import ConfigError, DataError, GenlabError
-from genlab.evaluation import memorisation
+from genlab.errors import DataError, GenlabError
+from genlab.evaluation import memorisation, sizes
 from genlab.evaluation.features import Extractor, Features, extract_features, make_extractor
+from genlab.evaluation.sizes import NO_SPLIT, heldout_split
 from genlab.io import save_torch_atomic
-
-NO_SPLIT = "none"
-
-
-def heldout_split(reference_split: str) -> str:
-    """The held-out real split for a reference split (`NO_SPLIT` when there is none)."""
-    return "val" if reference_split == "test" else NO_SPLIT
 
 
 def set_size(params: EvaluateParams, meta: Meta) -> int:
-    """Images per sample set: `num_samples`, or (null) as many as the validation split holds.
-    With a held-out real row, a set must not be larger than that row's one set of images."""
-    val = int(meta.splits["val"]["n"])
-    n = params.num_samples if params.num_samples is not None else val
-    if heldout_split(params.split) != NO_SPLIT and n > val:
-        raise ConfigError(
-            f"evaluate.num_samples is {n} but the held-out real images (the validation split) "
-            f"are {val}: every row is compared at one size, so set evaluate.num_samples to at "
-            f"most {val} (or null)"
-        )
-    return n
+    """Images per sample set (`genlab.evaluation.sizes.set_size` for the prepared splits)."""
+    return sizes.set_size(params, {name: info["n"] for name, info in meta.splits.items()})
 
 
 @dataclass(frozen=True)
