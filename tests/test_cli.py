@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -66,8 +65,7 @@ def test_the_light_family_names_are_the_registry() -> None:
 @pytest.mark.parametrize("module", ["genlab.config", "genlab.paths", "genlab.families"])
 def test_names_and_params_import_no_torch(module: str) -> None:
     code = f"import sys, {module}; print(any(m in sys.modules for m in {HEAVY!r}))"
-    env = os.environ | {"PYTHONDONTWRITEBYTECODE": "1"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "False", out.stderr
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from genlab.io import atomic_file, copy_file_atomic, write_json_atomic
+from genlab.io import atomic_file, atomic_folder, copy_file_atomic, write_json_atomic
 
 
 def test_two_writers_of_one_file_never_leave_a_reader_a_torn_file(tmp_path: Path) -> None:
@@ -62,3 +62,17 @@ def test_copy_makes_the_folder_and_copies_whole(tmp_path: Path) -> None:
     source.write_bytes(bytes(range(256)) * 1000)
     copy_file_atomic(source, tmp_path / "model" / "model.ckpt")
     assert (tmp_path / "model" / "model.ckpt").read_bytes() == source.read_bytes()
+
+
+def test_a_folder_is_replaced_whole_or_not_at_all(tmp_path: Path) -> None:
+    folder = tmp_path / "grids"
+    with atomic_folder(folder) as new:
+        (new / "a.png").write_bytes(b"first")
+    with pytest.raises(RuntimeError, match="killed"), atomic_folder(folder) as new:
+        (new / "b.png").write_bytes(b"half")
+        raise RuntimeError("killed")
+    assert [p.name for p in folder.iterdir()] == ["a.png"]  # the old folder, untouched
+    with atomic_folder(folder) as new:
+        (new / "b.png").write_bytes(b"second")
+    assert [p.name for p in folder.iterdir()] == ["b.png"]  # nothing of the old one mixed in
+    assert [p.name for p in tmp_path.iterdir()] == ["grids"]  # no temporary folder left

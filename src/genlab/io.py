@@ -37,6 +37,27 @@ def atomic_file(path: str | Path) -> Iterator[IO[bytes]]:
     fsync_folder(path.parent)
 
 
+@contextlib.contextmanager
+def atomic_folder(path: str | Path) -> Iterator[Path]:
+    """A new folder to fill with `path`'s new contents, swapped in whole when the block ends
+    without an exception (by two renames: a complete folder is always at one of the two names)
+    and removed when it raises."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    old = tmp.with_name(tmp.name + "-old")
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; outputs are not secret
+        yield tmp
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        fsync_folder(path.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def fsync_file(path: str | Path) -> None:
     """Make a file written by someone else's code (torch.save to a path) durable."""
     with open(path, "rb+") as f:

@@ -95,19 +95,13 @@ def _read_image(path: Path, meta: Meta) -> torch.Tensor:
             if frames > 1:
                 raise DataError(f"{path} holds {frames} frames; save one image per file")
             if size != (w, h):
-                raise DataError(
-                    f"{path} is {size[1]}x{size[0]} (HxW) but the model takes {h}x{w}; "
-                    f"resize to {h}x{w}"
-                )
+                raise _wrong_size(path, size, (h, w))
             if mode not in (*_EIGHT_BIT_MODES, *SIXTEEN_BIT_GREY):
                 raise DataError(f"{path} has PIL mode {mode!r}; save it as {expected}")
             # 16-bit grey to 8 bits as `genlab prepare` reads it; the rest exactly, as RGBA.
             pixels = np.asarray(eight_bit(im).convert("RGBA")).transpose(2, 0, 1)  # (4, H, W)
-    except ImageTooLarge as exc:
-        size = exc.size
-        raise DataError(
-            f"{path} is {size[1]}x{size[0]} (HxW) but the model takes {h}x{w}; resize to {h}x{w}"
-        ) from None
+    except ImageTooLarge as exc:  # larger than the data's images: said from the header alone
+        raise _wrong_size(path, exc.size, (h, w)) from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         if isinstance(exc, DataError):
             raise
@@ -125,6 +119,13 @@ def _read_image(path: Path, meta: Meta) -> torch.Tensor:
     lv = pixels_to_levels(rgb, max_value=255, levels=meta.levels)
     out = torch.from_numpy(np.ascontiguousarray(lv)).to(torch.uint8)
     return out.expand(c, h, w).clone()  # a grey image for RGB data: R = G = B
+
+
+def _wrong_size(path: Path, size: tuple[int, int], hw: tuple[int, int]) -> DataError:
+    (h, w), (width, height) = hw, size
+    return DataError(
+        f"{path} is {height}x{width} (HxW) but the model takes {h}x{w}; resize to {h}x{w}"
+    )
 
 
 def _read_npy(path: Path, meta: Meta) -> Images:

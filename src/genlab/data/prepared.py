@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +21,7 @@ import torch
 
 from genlab.data.datasets import Split, load_dataset
 from genlab.errors import DataError
-from genlab.io import fsync_file, fsync_folder, write_text_atomic
+from genlab.io import atomic_folder, fsync_file, write_text_atomic
 
 if TYPE_CHECKING:
     from genlab.config import DatasetParams
@@ -110,12 +107,7 @@ def prepare(
             n: {"n": len(raw.splits[n]), "sha256": split_sha256(raw.splits[n])} for n in SPLITS
         },
     )
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    old = tmp.with_name(tmp.name + "-old")
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the prepared data is not secret
+    with atomic_folder(out_dir) as tmp:
         for name in SPLITS:
             split = raw.splits[name]
             # To the path, not a file object: torch names the archive's root folder after it,
@@ -123,14 +115,6 @@ def prepare(
             torch.save({"x": split.x, "y": split.y}, tmp / f"{name}.pt")
             fsync_file(tmp / f"{name}.pt")
         write_text_atomic(tmp / "meta.json", json.dumps(meta.to_json(), indent=2) + "\n")
-        # Two renames: there is always a complete folder at one of the two names.
-        if out_dir.exists():
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        fsync_folder(out_dir.parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
     return meta
 
 

@@ -7,9 +7,6 @@ The metrics file holds the metrics (each with its interval or standard error) an
 tags.
 """
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +18,7 @@ from genlab.distributed import launch
 from genlab.evaluation.evaluate import evaluate_model
 from genlab.evaluation.grids import save_png
 from genlab.evaluation.vocabulary import PROTOCOL, is_uncertainty
-from genlab.io import write_json_atomic
+from genlab.io import atomic_folder, write_json_atomic
 from genlab.models import MODELS
 from genlab.paths import MODEL_FILE, RUN_FILE
 from genlab.tracking import RunRecord, flatten, log_evaluation
@@ -30,16 +27,9 @@ from genlab.tracking import RunRecord, flatten, log_evaluation
 def write_grids(grids: dict[str, np.ndarray], folder: Path) -> list[Path]:
     """`folder`/<name>.png for every grid, replacing the folder whole: it is written next to the
     old one and swapped in, so it never mixes grids of two evaluations."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the grids are not secret
+    with atomic_folder(folder) as tmp:
         for name, grid in grids.items():
             save_png(grid, tmp / f"{name}.png")
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return [folder / f"{name}.png" for name in grids]
 
 
