@@ -299,6 +299,7 @@ def _log_px(
         batch_size=protocol.batch_size,
         seed=protocol.seed,
         shortlist=prediction.shortlist,
+        joint=False,  # log p(x) alone, as the evaluation's threshold was calibrated
     ).log_px
 
 

@@ -200,6 +200,26 @@ def test_energy_model_scores_with_its_energy(tiny: dict[str, dict]) -> None:
     with torch.no_grad():
         assert torch.allclose(scores.log_px, -model.energy(x).double(), atol=1e-5)
         assert torch.equal(scores.joint.argmax(1), model.class_probs(x).argmax(1))
+    # log p(x) alone: the energy's own marginal, one pass, the same number.
+    alone = score_images(
+        model, x, log_prior=torch.zeros(10), samples=1, batch_size=5, seed=0, joint=False
+    )
+    assert alone.joint is None
+    torch.testing.assert_close(alone.log_px, scores.log_px, rtol=0, atol=1e-5)
+
+
+def test_log_px_alone_of_a_family_that_needs_labels_is_its_marginal(tiny: dict[str, dict]) -> None:
+    """A conditional bound family cannot score without labels: joint=False still marginalises
+    the joint scores (the same numbers, the joint returned too)."""
+    kwargs = tiny["vae"] | {"conditional": True}
+    torch.manual_seed(0)
+    model = MODELS["vae"](image_shape=(1, 8, 8), levels=17, num_classes=10, **kwargs).eval()
+    assert not model.scores_without_labels
+    x = torch.randint(17, (6, 1, 8, 8), dtype=torch.uint8)
+    kw = {"log_prior": torch.full((10,), -math.log(10)), "samples": 4, "batch_size": 4, "seed": 7}
+    both, alone = score_images(model, x, **kw), score_images(model, x, joint=False, **kw)
+    assert torch.equal(alone.log_px, both.log_px)
+    assert torch.equal(alone.joint, both.joint)
 
 
 def test_a_family_without_likelihood_or_energy_cannot_score(tiny: dict[str, dict]) -> None:

@@ -235,6 +235,19 @@ def test_conditional_samples_are_seeded_and_depend_on_the_label() -> None:
     assert not torch.equal(s, other)
 
 
+def test_sampling_in_chunks_keeps_each_label_with_its_image(monkeypatch) -> None:
+    """Seven images in chunks of three: each chunk is sampled with its own labels, from the
+    generator where the previous chunk left it."""
+    model = randomise(make(conditional=True), std=0.3)
+    monkeypatch.setattr("genlab.models.pixelcnn.SAMPLE_CHUNK", 3)
+    y = torch.tensor([3, 1, 4, 1, 5, 9, 2])
+    whole = model.sample(7, y, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    parts = [model.sample(len(part), part, generator=g) for part in y.split(3)]
+    assert torch.equal(whole, torch.cat(parts))
+    assert model.sample(0, y[:0]).shape == (0, *SHAPE)
+
+
 def test_unconditional_model_ignores_labels() -> None:
     model = make()
     x, y = images(4)

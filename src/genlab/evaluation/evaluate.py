@@ -115,6 +115,10 @@ def prediction_metrics(
     rule, on the held-out split `heldout`; the validation split sets the typical log p(x) and
     the threshold (tuning on `val` measures on the same images the threshold was set on).
 
+    Detection scores log p(x) (`predict.score_images`): the marginal of the joint scores, or,
+    for a family that `scores_without_labels`, its unlabelled score (the same number, one pass),
+    on the validation, held-out and out-of-distribution images alike.
+
     Metrics: ``ood/auroc_<set>``, ``ood/auroc_typicality_<set>``, ``ood/detected_<set>``,
     ``ood/fpr``, ``ood/threshold``; conditional families add ``<split>/class_acc`` and, with a
     likelihood, the marginal -log sum_y p(x | y) p(y) and its bits/dim (from
@@ -129,22 +133,32 @@ def prediction_metrics(
         "seed": protocol.seed,
     }
     confidence = protocol.confidence
-    val = score_images(model, splits["val"].x, **kw)
-    scored = val if heldout == "val" else score_images(model, splits[heldout].x, **kw)
+
+    def density(split: str) -> torch.Tensor:
+        # Detection needs log p(x) alone: one score per image where the family scores
+        # without labels (`score_images(joint=False)`).
+        return score_images(model, splits[split].x, joint=False, **kw).log_px
+
+    # Classification and the marginal need the joint scores of every class; a family that
+    # needs its labels to score marginalises those for detection too (no second pass).
+    labelled = score_images(model, splits[heldout].x, **kw) if model.conditional else None
+    reuse = labelled is not None and not model.scores_without_labels
+    held = labelled.log_px if reuse else density(heldout)
+    val = held if heldout == "val" else density("val")
     sets = ood_sets(params.ood_sets, splits[heldout].x, model.levels, protocol.seed)
-    outside = {name: score_images(model, x, **kw).log_px for name, x in sets.items()}
-    calibration = calibrate(val.log_px, params.statistic, params.fpr)
-    out = ood_metrics(scored.log_px, outside, calibration, confidence=confidence)
-    if scored.joint is not None:
+    outside = {name: score_images(model, x, joint=False, **kw).log_px for name, x in sets.items()}
+    calibration = calibrate(val, params.statistic, params.fpr)
+    out = ood_metrics(held, outside, calibration, confidence=confidence)
+    if labelled is not None and labelled.joint is not None:
         labels = splits[heldout].y
         n = len(labels)
-        result = wilson(round(accuracy(scored.joint, labels) * n), n, confidence=confidence)
+        result = wilson(round(accuracy(labelled.joint, labels) * n), n, confidence=confidence)
         key = v.class_acc(heldout)
         out |= {key: result.value, v.ci_low(key): result.low, v.ci_high(key): result.high}
         if model.likelihood != "none":
             names = {"marginal": True}
             names["estimate"] = v.marginal_is_estimate(model.likelihood, model.monte_carlo)
-            nats, error = mean_and_se(-scored.log_px)
+            nats, error = mean_and_se(-labelled.log_px)
             nll = v.nll_key(heldout, model.likelihood, **names)
             bpd = v.bpd_key(heldout, model.likelihood, **names)
             out |= {nll: nats, v.se(nll): error}

@@ -10,6 +10,10 @@ Every family with a likelihood or an energy scores images the same way:
 
 So a conditional family's log p(x) is its marginal likelihood, comparable with an unconditional
 family's, and its classifier is argmax_k log p(x | y=k) + log p(y=k).
+
+Where only log p(x) is asked for (OOD detection, `genlab score`) and the family scores images
+without labels (`scores_without_labels`: an energy model, whose E(x) = -log sum_k exp(-E(x, k))
+is the same number), one score per image replaces the K per-class ones.
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ def score_images(
     batch_size: int,
     seed: int,
     shortlist: int | None = None,
+    joint: bool = True,
 ) -> Scores:
     """Density scores of images x (uint8 (N, C, H, W)) and, for a conditional family, the
     joint scores of every class.
@@ -81,6 +86,10 @@ def score_images(
     fifth of the draws already rules out costs a fifth. A screened-out class keeps its screening
     estimate, capped at the lowest shortlisted score, so it never outranks a class that passed;
     its share of log p(x) = log sum_k p(x, y=k) is negligible whenever the screen is right.
+
+    `joint=False` asks for log p(x) alone: a model that `scores_without_labels` then scores each
+    image once, without labels (Scores.joint None); any other conditional model still
+    marginalises its joint scores, which it returns too.
     """
     kind = scorer(model)
     if kind is None:
@@ -90,18 +99,19 @@ def score_images(
     model.eval()
     n = x.shape[0]
     prior = log_prior.double().cpu()
-    log_px, joint = [], []
+    unlabelled = not model.conditional or (not joint and model.scores_without_labels)
+    log_px, joints = [], []
     devices = [model.device.index or 0] if model.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         for i, start in enumerate(range(0, n, batch_size)):
             xb = x[start : start + batch_size].to(model.device)
-            if not model.conditional:
+            if unlabelled:
                 log_px.append(_score(model, kind, xb, None, samples, seed + i))
                 continue
             jb = _joint(model, kind, xb, prior, samples, seed + i, shortlist)  # (b, K)
-            joint.append(jb)
+            joints.append(jb)
             log_px.append(torch.logsumexp(jb, dim=1))
-    return Scores(log_px=torch.cat(log_px), joint=torch.cat(joint) if model.conditional else None)
+    return Scores(log_px=torch.cat(log_px), joint=None if unlabelled else torch.cat(joints))
 
 
 SCREEN_FRACTION = 5  # a shortlist screen spends samples // SCREEN_FRACTION draws per class
