@@ -8,9 +8,9 @@ The profile is written into params.yaml in place, because DVC reads params from 
 repository: it refuses to overwrite uncommitted edits of params.yaml. Running it again is a no-op
 for the params (the merge is idempotent) and `dvc repro` re-runs only what changed.
 
-MLflow: runs go where genlab sends them (MLFLOW_TRACKING_URI, else params, else mlflow.db at the
-repository root). An empty MLFLOW_* variable, which is what CI passes for an unset secret, counts
-as unset.
+MLflow: runs go to the local store (mlflow.db at the repository root) and are pushed to the team
+server MLFLOW_TRACKING_URI (else params) names, if any. An empty MLFLOW_* variable, which is what
+CI passes for an unset secret, counts as unset.
 """
 
 from __future__ import annotations
@@ -110,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.params_only:
         return 0
     env = _env()
-    store = "MLFLOW_TRACKING_URI" if env.get("MLFLOW_TRACKING_URI") else "params / mlflow.db"
-    print(f"ci_train: dvc repro (MLflow store from {store})", flush=True)
+    store = "MLFLOW_TRACKING_URI" if env.get("MLFLOW_TRACKING_URI") else "params"
+    print(f"ci_train: dvc repro (MLflow team server, if any, from {store})", flush=True)
     return subprocess.run(
         [sys.executable, "-m", "dvc", "repro"], cwd=args.params.parent, env=env
     ).returncode

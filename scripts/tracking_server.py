@@ -13,6 +13,13 @@ GENLAB_SERVER_WORKERS); an option on the command line wins. Arguments after `--`
 password belongs in GENLAB_SERVER_BACKEND_STORE_URI, not on the command line, which every user of
 the machine can read (`ps`); `mlflow server` gets it through MLFLOW_BACKEND_STORE_URI.
 
+On a shared host (several users on the machine, or teammates on the network), start it with
+`--auth` (MLflow's basic-auth app): every call then needs a user name and password, which genlab
+and `genlab sync` send from MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD. Basic auth sends
+the password with every request: over anything but 127.0.0.1 or an SSH tunnel, put TLS in front.
+
+    MLFLOW_AUTH_ADMIN_PASSWORD=... uv run scripts/tracking_server.py --auth   # first start
+
 Why these choices:
 - 127.0.0.1 by default: MLflow has no authentication by default and a long security history.
   Teammates reach it through an SSH tunnel (`ssh -N -L 5000:127.0.0.1:5000 host`); bind to another
@@ -30,6 +37,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import secrets
 import sys
 from pathlib import Path
 
@@ -84,7 +92,58 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument(
         "--workers", type=int, default=_env("WORKERS"), help="server processes (MLflow's default)"
     )
+    parser.add_argument(
+        "--auth",
+        action="store_true",
+        default=_env("AUTH", "") in ("1", "true", "yes"),
+        help="MLflow's basic-auth app: every API call needs a user name and password; the admin "
+        "is created at the first start from MLFLOW_AUTH_ADMIN_PASSWORD (never an argument)",
+    )
     return parser.parse_args(argv), extra
+
+
+AUTH_CONFIG = """\
+# Written by scripts/tracking_server.py --auth (no secret here: the first admin's password comes
+# from MLFLOW_AUTH_ADMIN_PASSWORD at the first start, and is ignored once the admin exists).
+[mlflow]
+# Users may log into experiments others created (genlab shares one per dataset); an experiment's
+# creator manages its permissions.
+default_permission = EDIT
+database_uri = {database_uri}
+admin_username = {admin}
+authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+grant_default_workspace_access = true
+"""
+
+
+def auth_config(data_dir: Path) -> dict[str, str]:
+    """The basic-auth app's config file in `data_dir` and the environment that points `mlflow
+    server` at it; ServerConfigError when the first start has no admin password."""
+    data_dir = data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    users = data_dir / "basic_auth.db"
+    if not users.exists() and not os.environ.get("MLFLOW_AUTH_ADMIN_PASSWORD"):
+        raise ServerConfigError(
+            "--auth starts a new user store: set MLFLOW_AUTH_ADMIN_PASSWORD to the first "
+            "admin's password (in the environment, not on the command line)"
+        )
+    admin = _env("ADMIN_USERNAME", "admin")
+    config = data_dir / "basic_auth.ini"
+    text = AUTH_CONFIG.format(database_uri=f"sqlite:///{users}", admin=admin)
+    tmp = config.with_name(f".{config.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.replace(config)
+    env = {"MLFLOW_AUTH_CONFIG_PATH": str(config)}
+    if not os.environ.get("MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        # The auth app's CSRF protection needs a key that stays the same across restarts (and
+        # workers): one made at the first start, readable by the server's user only.
+        key_file = data_dir / "flask_secret_key"
+        if not key_file.exists():
+            fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
+        env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = key_file.read_text().strip()
+    return env
 
 
 def backend_store(uri: str | None, data_dir: Path) -> str:
@@ -136,6 +195,9 @@ def server_command(args: argparse.Namespace, extra: list[str]) -> tuple[list[str
     ]
     if args.workers is not None:
         cmd += ["--workers", str(args.workers)]
+    if args.auth:
+        cmd += ["--app-name", "basic-auth"]
+        env |= auth_config(args.data_dir)
     return cmd + extra, env
 
 
@@ -146,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ServerConfigError, OSError) as exc:
         print(f"tracking_server: error: {exc}", file=sys.stderr)
         return 2
-    if args.host not in LOOPBACK:
+    if args.host not in LOOPBACK and not args.auth:
         print(
             f"tracking_server: warning: binding to {args.host}: anyone who reaches this port can "
             f"read and change every run (MLflow has no authentication by default); put it behind "

@@ -23,7 +23,7 @@ def _one_thread() -> None:
 
 REPO = Path(__file__).resolve().parents[1]
 # What a run that lost its way writes into the working directory (MLflow's defaults).
-STRAYS = ("mlruns", "mlartifacts", "mlflow.db")
+STRAYS = ("mlruns", "mlartifacts", "mlflow.db", "mlflow.db.push.lock", "mlflow.db.init.lock")
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -4,6 +4,7 @@ multi-node job does, and genlab's own training path runs in them."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -66,3 +67,18 @@ def test_two_process_ddp_trains_every_family_into_exactly_one_mlflow_run(
         assert ckpt["global_step"] in (2, 4), family
         grids = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
         assert len([p for p in grids if "compressed" not in p]) == 2, (family, grids)
+
+
+def test_two_process_evaluator_writes_its_shared_metrics_file_from_rank_0_only(
+    prepared_digits: Path, tmp_path: Path
+) -> None:
+    """Both ranks train the evaluator together; only rank 0 writes metrics/evaluator.json (two
+    writers of one file once tore it)."""
+    shutil.copytree(prepared_digits, tmp_path / paths.PREPARED)
+    params = {"families": ["vae"], "trainer": {"devices": 2}, "evaluator": {"max_epochs": 1}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    done = torchrun("evaluator_writes.py", cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    writers = (tmp_path / "writers.txt").read_text().splitlines()
+    assert writers == [f"0 {paths.EVALUATOR_METRICS}"], writers
+    assert (tmp_path / paths.EVALUATOR_METRICS).is_file() and (tmp_path / paths.EVALUATOR).is_file()

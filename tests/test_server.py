@@ -1,6 +1,7 @@
 """The team tracking server: `scripts/tracking_server.py` starts a real `mlflow server` on
-127.0.0.1; genlab logs to it over HTTP, DVC queue workers in parallel land complete runs in it, and
-its REST API returns the runs with their `eval/*` metrics, sortable side by side."""
+127.0.0.1; genlab logs locally and pushes each run to it over HTTP at the end of every stage, DVC
+queue workers in parallel land complete runs in it, and its REST API returns the runs with their
+`eval/*` metrics, sortable side by side."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -19,10 +21,13 @@ from typing import Any
 import psutil  # a dependency of dvc's
 import pytest
 import yaml
+from mlflow.tracking import MlflowClient
 
 from genlab import paths
 from genlab.cli import main as genlab_main
 from genlab.evaluation import vocabulary as v
+from genlab.sync import LOCAL_RUN_TAG, push
+from genlab.tracking import Stores, check_reachable, ensure_experiment
 from genlab.training import run_name
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,8 +45,11 @@ class TrackingServer:
     """`scripts/tracking_server.py` on a free port of 127.0.0.1 with its store in `data_dir`;
     stop() and start() again keep the port and the store (an outage and its end)."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(
+        self, data_dir: Path, args: tuple[str, ...] = (), env: dict[str, str] | None = None
+    ) -> None:
         self.data_dir = data_dir
+        self.args, self.env = args, env or {}
         self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -49,10 +57,10 @@ class TrackingServer:
     def start(self, timeout_s: float = 90.0) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, str(SERVER_SCRIPT), "--port", str(self.port), "--workers", "1"]
-        cmd += ["--data-dir", str(self.data_dir)]
+        cmd += ["--data-dir", str(self.data_dir), *self.args]
         log = open(self.data_dir / "server.log", "a")  # noqa: SIM115 (kept open by the server)
         env = {k: x for k, x in os.environ.items() if not k.startswith("GENLAB_SERVER_")}
-        env["OMP_NUM_THREADS"] = "1"
+        env |= {"OMP_NUM_THREADS": "1"} | self.env
         # Own process group: stop() ends the server and its workers, nothing else.
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env, start_new_session=True)
         deadline = time.monotonic() + timeout_s
@@ -153,7 +161,7 @@ def test_tiny_training_logs_over_http_and_rest_search_returns_its_eval_metrics(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The CI profile's vae through every stage command of the pipeline, in process (a `dvc
-    repro` would start one process per stage), logging to the server only."""
+    repro` would start one process per stage), with the server as the team server."""
     # The backend store URI (a database password, often) is in no command line of the server's
     # processes: MLflow reads it from its environment.
     started = psutil.Process(server.proc.pid)
@@ -182,7 +190,12 @@ def test_tiny_training_logs_over_http_and_rest_search_returns_its_eval_metrics(
     for file in [*work.rglob("*"), *(server.data_dir / "artifacts").rglob("*")]:
         assert not file.is_file() or secret.encode() not in file.read_bytes(), file
 
-    assert not (work / "mlflow.db").exists()  # nothing went to a local store
+    # Local first: every run is in the local store, and each stage's end pushed it to the server.
+    local = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    local_runs = local.search_runs([local.get_experiment_by_name("digits").experiment_id])
+    assert {r.data.tags["family"] for r in local_runs} == {"vae", "baselines", "report"}
+    pushed = server.search_runs("digits", "", [])
+    assert {tags_of(r)[LOCAL_RUN_TAG] for r in pushed} == {r.info.run_id for r in local_runs}
     (run,) = server.search_runs("digits", "tags.family = 'vae'", [f"metrics.`{v.FID}` ASC"])
     assert run["info"]["status"] == "FINISHED"
     assert run["info"]["run_name"] == run_name("vae", 0) == "vae (seed 0)"
@@ -237,7 +250,7 @@ def test_two_queued_experiments_run_in_parallel_land_complete_in_the_server(
         assert time.monotonic() < deadline, status
         time.sleep(5)
     assert "Failed" not in status, status + dvc("queue", "logs", "q-three")
-    assert not (root / "mlflow.db").exists()  # every run went to the server
+    assert (root / "mlflow.db").exists()  # the local store, shared by the queue's workers
 
     runs = server.search_runs("digits", "tags.family = 'vae'", [f"metrics.`{v.FID}` ASC"])
     by_exp = {tags_of(r).get("dvc_exp_name"): r for r in runs}
@@ -252,3 +265,43 @@ def test_two_queued_experiments_run_in_parallel_land_complete_in_the_server(
         assert [f["path"] for f in listed["files"]] == ["checkpoint/model.ckpt"]
     fids = [metrics_of(r)[v.FID] for r in runs]
     assert fids == sorted(fids)  # side by side, in the server's order
+
+
+def test_the_basic_auth_server_refuses_strangers_and_takes_a_push_with_credentials(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--auth`: no admin password, no start (one line); with it, /health answers anyone (genlab
+    checks it at the start of a training), the API wants credentials, and a push with
+    MLFLOW_TRACKING_USERNAME / _PASSWORD lands the run."""
+    done = subprocess.run(
+        [sys.executable, str(SERVER_SCRIPT), "--auth", "--data-dir", str(tmp_path / "none")],
+        capture_output=True,
+        text=True,
+        env={k: x for k, x in os.environ.items() if k != "MLFLOW_AUTH_ADMIN_PASSWORD"},
+    )
+    assert done.returncode == 2 and "MLFLOW_AUTH_ADMIN_PASSWORD" in done.stderr, done.stderr
+    password = "genlab-admin-not-in-any-file"
+    server = TrackingServer(
+        tmp_path / "server", ("--auth",), {"MLFLOW_AUTH_ADMIN_PASSWORD": password}
+    )
+    server.start()
+    try:
+        check_reachable(server.uri)  # /health needs no credentials
+        with pytest.raises(urllib.error.HTTPError) as info:
+            server.rest("experiments/search", {"max_results": 1})
+        assert info.value.code == 401
+        local = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        client = MlflowClient(local)
+        run_id = client.create_run(ensure_experiment(client, "digits")).info.run_id
+        client.log_metric(run_id, v.FID, 1.5)
+        client.set_terminated(run_id)
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+        (result,) = push(Stores(local, server.uri), [run_id])
+        assert result.counts.created
+        copy = MlflowClient(server.uri).get_run(result.remote_run_id)
+        assert copy.data.metrics == {v.FID: 1.5} and copy.info.status == "FINISHED"
+        for file in (tmp_path / "server").rglob("*"):
+            assert not file.is_file() or password.encode() not in file.read_bytes(), file
+    finally:
+        server.stop()

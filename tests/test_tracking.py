@@ -1,8 +1,10 @@
-"""Tracking outages against a real `mlflow server`: fail fast at start, never stop training, lose
-nothing (the spool is replayed by `genlab sync` once the server is back)."""
+"""Local-first tracking: every run in the local SQLite store, a team server (a real `mlflow
+server`) kept equal to it by an idempotent push; an unreachable server fails a training at start
+within seconds, and an outage after that never stops it and loses nothing."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -15,29 +17,32 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import pytest
-from lightning.pytorch.callbacks import ModelCheckpoint
 from mlflow.tracking import MlflowClient
-from torch.utils.data import DataLoader, TensorDataset
 
-import genlab.spool
+import genlab.sync
 from genlab.cli import main as genlab_main
-from genlab.data.prepared import load_split, read_meta
+from genlab.config import parse_params
+from genlab.data.prepared import read_meta
 from genlab.errors import TrackingError
 from genlab.evaluation import vocabulary as v
-from genlab.models.vae import VAE
-from genlab.spool import RECORDS, REJECTED, ReplayCounts, Spool, SpoolingMLFlowLogger
+from genlab.sync import LOCAL_RUN_TAG, push, push_after_stage
 from genlab.tracking import (
     BASELINES_TAG,
     REPORT_TAG,
     SHORT_HTTP_SETTINGS,
-    RunRecord,
+    Stores,
     check_reachable,
     ensure_experiment,
     log_baselines,
     log_report,
+    register_model,
+    registered_model_name,
+    resolve_stores,
     short_http_retries,
+    tag_model_versions,
     without_userinfo,
 )
+from genlab.training import train_family
 
 # The team server script, started as users start it; stop() and start() again: an outage.
 from test_server import TrackingServer as MlflowServer
@@ -81,21 +86,21 @@ def test_the_baselines_and_report_runs_are_finished_runs_with_their_files(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The two stages that are not a training log one finished run each: the baselines' rows
-    as `<row>.<metric>` with the protocol as `eval.protocol.*` tags, the report its files; a
-    store that cannot be reached is one line that says the files are written."""
+    as `<row>.<metric>` with the protocol as `eval.protocol.*` tags, the report its files."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("DVC_STAGE", raising=False)
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    stores = Stores(uri, None)
     (tmp_path / "baselines.json").write_text("{}")
     (tmp_path / "summary.md").write_text("# report\n")
     metrics = {f"copycat.{v.FID}": 0.0, f"copycat.{v.ci_high(v.FID)}": 0.5, f"real.{v.KID}": 0.1}
     protocol = {"num_samples": 350, "extractor": "genlab-evaluator"}
     kw = {"data_sha256": "d" * 64}
     baselines = log_baselines(
-        uri, "digits", metrics, protocol=protocol, artifacts=[tmp_path / "baselines.json"], **kw
+        stores, "digits", metrics, protocol=protocol, artifacts=[tmp_path / "baselines.json"], **kw
     )
-    report = log_report(uri, "digits", artifacts=[tmp_path / "summary.md"], **kw)
+    report = log_report(stores, "digits", artifacts=[tmp_path / "summary.md"], **kw)
     client = MlflowClient(uri)
     for record, name, tag, folder, logged in (
         (baselines, "baselines (copycat, held-out real)", BASELINES_TAG, "baselines", metrics),
@@ -114,133 +119,169 @@ def test_the_baselines_and_report_runs_are_finished_runs_with_their_files(
         "genlab-evaluator",
     )
 
-    unreachable = f"http://127.0.0.1:{free_port()}"
-    with short_http_retries(), pytest.raises(TrackingError) as info:
-        log_report(unreachable, "digits", artifacts=[], **kw)
-    message = str(info.value)
-    assert "\n" not in message and unreachable in message
-    assert "the files are written" in message
 
-
-def _loader(prepared: Path, split: str) -> DataLoader:
-    data = load_split(prepared, split)
-    return DataLoader(TensorDataset(data.x, data.y), batch_size=250)
-
-
-def test_spool_replay_is_in_order_exactly_once_and_sets_refusals_aside(tmp_path: Path) -> None:
-    """Against a SQLite store (no server needed): original steps and timestamps, a line torn by a
-    crash skipped, a refused record set aside, and a replay redone after a crash (the cursor
-    lost) duplicates no metric value."""
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    run_id = client.create_run(ensure_experiment(client, "spool")).info.run_id
-    client.log_param(run_id, "lr", "0.1")
-    unused = Spool(tmp_path / "unused")
-    unused.bind(client.tracking_uri, run_id)
-    assert not unused.path.exists()  # nothing failed, nothing written
-    spool = Spool(tmp_path / "spool")
-    spool.bind(client.tracking_uri, run_id)
-    for step in range(3):
-        spool.append(
-            {"kind": "metrics", "metrics": [[v.TRAIN_LOSS, 1.0 / (step + 1), 1000 + step, step]]}
-        )
-    with open(tmp_path / "spool" / RECORDS, "a") as f:
-        f.write('{"kind": "metr')  # a crash mid-append
-    spool.append({"kind": "params", "params": {"lr": "0.2"}})  # refused: params are immutable
-    spool.append(
-        {"kind": "image", "key": "samples", "step": 1, "timestamp": 5000},
-        np.zeros((4, 4, 3), np.uint8),
-    )
-    spool.append({"kind": "metrics", "metrics": [[v.TRAIN_LOSS, 0.1, 1003, 3]]})
-    spool.append({"kind": "terminated", "status": "FINISHED", "end_time": 6000})
-    saved = (tmp_path / "spool" / RECORDS).read_bytes()
-
-    counts = spool.replay(client)
-    assert (counts.metrics, counts.images, counts.status, counts.rejected) == (4, 1, 1, 1)
-    assert not spool.pending() and spool.replay(client).total == 0
-    history = client.get_metric_history(run_id, v.TRAIN_LOSS)
-    assert [(m.step, m.timestamp) for m in sorted(history, key=lambda m: m.step)] == [
-        (0, 1000),
-        (1, 1001),
-        (2, 1002),
-        (3, 1003),
-    ]
-    assert client.get_run(run_id).data.params["lr"] == "0.1"
-    (refused,) = (tmp_path / "spool" / REJECTED).read_text().splitlines()
-    assert json.loads(refused)["params"] == {"lr": "0.2"}
-    assert client.get_run(run_id).info.end_time == 6000
-
-    # As if the cursor had never been written (a crash after the store accepted everything; the
-    # image's payload file is gone too): metric values are not duplicated, nothing blocks.
-    (tmp_path / "spool" / RECORDS).write_bytes(saved)
-    counts = spool.replay(client)
-    assert (counts.metrics, counts.rejected) == (4, 2) and not spool.pending()
-    assert len(client.get_metric_history(run_id, v.TRAIN_LOSS)) == 4
-
-
-def test_metrics_are_gathered_and_sent_at_checkpoints_before_other_records_and_at_the_end(
+def test_the_local_store_is_always_there_and_http_names_the_team_server(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Against a SQLite store: values logged within FLUSH_S of the last send travel together in
-    one request, at the next checkpoint, before the next other record or at the end, each with
-    the step and time of its call."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = MlflowClient(uri)
-    run_id = client.create_run(ensure_experiment(client, "gathered")).info.run_id
-    logger = SpoolingMLFlowLogger(tracking_uri=uri, run_id=run_id, spool_dir=tmp_path / "spool")
-    requests: list[str] = []
-    real_send = genlab.spool.send
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    default = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert resolve_stores(None) == Stores(default, None)
+    assert resolve_stores("sqlite:///other.db") == Stores(
+        f"sqlite:///{tmp_path / 'other.db'}", None
+    )
+    team = "http://genlab:secret@mlflow.internal:5000"
+    assert resolve_stores(team) == Stores(default, team)  # credentials kept, for the push
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://mlflow.example")
+    assert resolve_stores(team) == Stores(default, "https://mlflow.example")  # the env wins
+    for bad in ("mlruns", "sqlite:///:memory:"):
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", bad)
+        with pytest.raises(ValueError, match=r"sqlite:///path/to/mlflow\.db"):
+            resolve_stores(None)
 
-    def counted_send(client, run_id, record, payload=None):  # the real send, counted
-        requests.append(f"{record['kind']}:{len(record.get('metrics', []))}")
-        real_send(client, run_id, record, payload)
 
-    monkeypatch.setattr(genlab.spool, "send", counted_send)
-    monkeypatch.setattr(genlab.spool, "FLUSH_S", 3600.0)
+def _a_finished_run(client: MlflowClient, folder: Path) -> str:
+    """A run as a training and its evaluation leave one: params, tags, curves (a NaN among
+    them), an image series, nested files, a dataset input, finished."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
 
-    def history() -> dict[int, int]:
-        return {m.step: m.timestamp for m in client.get_metric_history(run_id, v.TRAIN_LOSS)}
-
-    called_ms = {}
+    run_id = client.create_run(ensure_experiment(client, "digits"), run_name="vae (seed 0)").info
+    run_id = run_id.run_id
+    client.log_param(run_id, "model.latent_dim", "4")
+    client.set_tag(run_id, "family", "vae")
     for step in range(5):
-        before = int(time.time() * 1000)
-        logger.log_metrics({v.TRAIN_LOSS: 1.0 / (step + 1)}, step=step)
-        called_ms[step] = (before, int(time.time() * 1000))
-    assert list(history()) == [0] and requests == ["metrics:1"]  # the first goes at once
-    logger.after_save_checkpoint(ModelCheckpoint(dirpath=tmp_path / "ckpt"))
-    assert requests == ["metrics:1", "metrics:4"]
-    assert all(lo <= history()[step] <= hi for step, (lo, hi) in called_ms.items())
+        client.log_metric(run_id, v.TRAIN_LOSS, 1.0 / (step + 1), step=step, timestamp=1000 + step)
+    client.log_metric(run_id, "train/grad_norm", float("nan"), step=0, timestamp=1000)
+    client.log_metric(run_id, "train/grad_norm", 2.0, step=1, timestamp=1001)
+    client.log_metric(run_id, v.FID, 1.5, step=4, timestamp=2000)
+    client.log_image(run_id, np.zeros((4, 4, 3), np.uint8), key="samples", step=1)
+    (folder / "model.ckpt").write_bytes(b"weights")
+    (folder / "grids").mkdir()
+    (folder / "grids" / "samples.png").write_bytes(b"png")
+    client.log_artifact(run_id, str(folder / "model.ckpt"), "checkpoint")
+    client.log_artifacts(run_id, str(folder / "grids"), "evaluation/figures")
+    dataset = Dataset("digits", "d" * 16, "local", "data/prepared")
+    client.log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "train")])])
+    name = registered_model_name("digits", "vae")
+    register_model(client, run_id, name=name, description="vae on digits", tags={"seed": "0"})
+    tag_model_versions(
+        client, run_id, {v.FID: 1.5, v.ci_low(v.FID): 1.0, v.ci_high(v.FID): 2.0}, 0.95
+    )
+    client.set_terminated(run_id, "FINISHED", end_time=3000)
+    return run_id
 
-    logger.log_metrics({v.TRAIN_LOSS: 0.1}, step=5)
-    logger.log_image(np.zeros((4, 4, 3), np.uint8), "samples", step=1)
-    logger.log_metrics({v.TRAIN_LOSS: 0.05}, step=6)
-    assert requests[2:] == ["metrics:1", "image:0"] and 6 not in history()
-    logger.finalize("success")
-    assert requests[4:] == ["metrics:1", "terminated:0"] and sorted(history()) == list(range(7))
-    assert client.get_run(run_id).info.status == "FINISHED"
 
-    monkeypatch.setattr(genlab.spool, "FLUSH_S", 0.0)  # past FLUSH_S: the call sends
-    logger.log_metrics({v.TRAIN_LOSS: 0.01}, step=7)
-    assert requests[6:] == ["metrics:1"] and 7 in history()
-    assert not Spool(tmp_path / "spool").exists()  # nothing failed, nothing spooled
+def _files(client: MlflowClient, run_id: str, path: str | None = None) -> dict[str, int]:
+    out = {}
+    for info in client.list_artifacts(run_id, path):
+        out |= _files(client, run_id, info.path) if info.is_dir else {info.path: info.file_size}
+    return out
+
+
+def _assert_copy(local: MlflowClient, remote: MlflowClient, run_id: str, remote_id: str) -> None:
+    mine, theirs = local.get_run(run_id), remote.get_run(remote_id)
+    assert theirs.data.params == mine.data.params
+    assert theirs.data.tags == mine.data.tags | {LOCAL_RUN_TAG: run_id}
+    assert theirs.info.run_name == mine.info.run_name
+    assert (theirs.info.status, theirs.info.start_time, theirs.info.end_time) == (
+        mine.info.status,
+        mine.info.start_time,
+        mine.info.end_time,
+    )
+
+    def points(client: MlflowClient, rid: str, key: str) -> list[tuple]:
+        history = client.get_metric_history(rid, key)
+        return sorted((m.step, m.timestamp, str(m.value)) for m in history)
+
+    for key in mine.data.metrics:
+        assert points(remote, remote_id, key) == points(local, run_id, key), key
+    assert _files(remote, remote_id) == _files(local, run_id)
+
+    def versions(client: MlflowClient, rid: str) -> list[tuple]:
+        found = client.search_model_versions(f"run_id = '{rid}'")
+        return [(m.name, m.tags, m.source.replace(rid, "<run>")) for m in found]
+
+    assert versions(remote, remote_id) == versions(local, run_id) != []
+    digests = {d.dataset.digest for d in theirs.inputs.dataset_inputs}
+    assert digests == {d.dataset.digest for d in mine.inputs.dataset_inputs}
+
+
+def test_a_push_copies_the_run_and_a_second_push_sends_nothing(tmp_path: Path) -> None:
+    """Against two real SQLite stores: the server's copy equals the local run (curves with their
+    steps and times, NaN included, files, inputs, status); pushing again sends nothing; what an
+    evaluation adds later is all the next push sends."""
+    (tmp_path / "local").mkdir()
+    (tmp_path / "team").mkdir()
+    stores = Stores(
+        f"sqlite:///{tmp_path / 'local/mlflow.db'}", f"sqlite:///{tmp_path / 'team/mlflow.db'}"
+    )
+    local, remote = MlflowClient(stores.local), MlflowClient(stores.remote)
+    run_id = _a_finished_run(local, tmp_path)
+
+    (first,) = push(stores, [run_id])
+    assert first.counts.created and first.counts.metrics == 8 and first.counts.status == 1
+    assert first.counts.artifacts == len(_files(local, run_id)) >= 4  # an image is 2 files
+    _assert_copy(local, remote, run_id, first.remote_run_id)
+    (again,) = push(stores, [run_id])
+    assert again.remote_run_id == first.remote_run_id and again.counts.total == 0
+    assert again.counts.summary() == "up to date"
+
+    local.log_metric(run_id, v.KID, 0.01, step=4)  # an evaluation after the training
+    local.log_metric(run_id, v.TRAIN_LOSS, 0.1, step=5)
+    local.set_tag(run_id, "eval.protocol.id", "abc")
+    (tmp_path / "metrics.json").write_text("{}")
+    local.log_artifact(run_id, str(tmp_path / "metrics.json"), "evaluation")
+    (later,) = push(stores, [run_id])
+    counts = later.counts
+    assert (counts.metrics, counts.tags, counts.artifacts, counts.params, counts.status) == (
+        2,
+        1,
+        1,
+        0,
+        0,
+    )
+    _assert_copy(local, remote, run_id, first.remote_run_id)
+    assert len(remote.search_runs([ensure_experiment(remote, "digits")])) == 1
+
+
+def test_a_push_cut_short_is_finished_by_the_next_and_sends_nothing_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stores = Stores(f"sqlite:///{tmp_path / 'local.db'}", f"sqlite:///{tmp_path / 'team.db'}")
+    local, remote = MlflowClient(stores.local), MlflowClient(stores.remote)
+    run_id = _a_finished_run(local, tmp_path)
+    real = genlab.sync._push_artifacts
+
+    def dies(*args):
+        raise OSError("connection reset by peer")
+
+    monkeypatch.setattr(genlab.sync, "_push_artifacts", dies)  # after the metrics went
+    with pytest.raises(TrackingError) as info:
+        list(push(stores, [run_id]))
+    assert "\n" not in str(info.value) and "genlab sync" in str(info.value)
+    (copy,) = remote.search_runs([ensure_experiment(remote, "digits")])
+    assert copy.info.status == "RUNNING"  # not FINISHED: it does not have everything yet
+    monkeypatch.setattr(genlab.sync, "_push_artifacts", real)
+    (result,) = push(stores, [run_id])
+    assert not result.counts.created and result.counts.metrics == 0
+    _assert_copy(local, remote, run_id, copy.info.run_id)
+
+    remote.delete_run(copy.info.run_id)  # the team deleted it: respected, not re-created
+    (skipped,) = push(stores, [run_id])
+    assert skipped.remote_run_id is None
+    assert len(remote.search_runs([ensure_experiment(remote, "digits")])) == 0
 
 
 class StopServerAfterFirstEpoch(L.Callback):
-    """Logs a sample-grid-like image at each epoch end, then stops the server after epoch 1."""
-
-    def __init__(self, server: MlflowServer, logger: SpoolingMLFlowLogger) -> None:
+    def __init__(self, server: MlflowServer) -> None:
         self.server = server
-        self.logger = logger
-        self.images: list[int] = []
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        epoch = trainer.current_epoch + 1
-        self.logger.log_image(np.full((8, 8, 3), 40 * epoch, np.uint8), "samples", epoch)
-        self.images.append(epoch)
-        if epoch == 1:
+        if trainer.current_epoch == 0:
             self.server.stop()
 
 
-def test_outage_during_fit_is_spooled_and_synced_after_restart(
+def test_an_outage_during_training_stops_nothing_and_sync_pushes_the_run_after(
     tmp_path: Path,
     mlflow_server: MlflowServer,
     prepared_digits: Path,
@@ -248,113 +289,95 @@ def test_outage_during_fit_is_spooled_and_synced_after_restart(
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    client = MlflowClient(mlflow_server.uri)
-    run_id = client.create_run(client.create_experiment("outage")).info.run_id
-    spool_dir = tmp_path / "checkpoints/vae/abc123/spool"
-    logger = SpoolingMLFlowLogger(
-        tracking_uri=mlflow_server.uri, run_id=run_id, spool_dir=spool_dir
+    """A real `train_family` logging to a team server that goes away after the first epoch: the
+    training finishes in the local store, the end-of-fit push warns once and gives up within
+    seconds, `genlab sync` pushes everything once the server is back, and again sends nothing."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = parse_params(
+        {
+            "families": ["vae"],
+            "trainer": {"sample_every_n_epochs": 1, "log_every_n_steps": 1},
+            "models": {"vae": tiny_vae_kwargs | {"max_epochs": 3, "batch_size": 250}},
+            "tracking": {"uri": mlflow_server.uri, "system_metrics_every_s": 1},
+        }
     )
-    logger.log_hyperparams({"model": {"hidden_dim": 8}, "seed": 0})
+    (tmp_path / "params.yaml").write_text(
+        f"families: [vae]\ntracking:\n  uri: {mlflow_server.uri}\n"
+    )
+    start = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="genlab.sync"):
+        result = train_family(
+            params,
+            "vae",
+            seed=0,
+            prepared_dir=prepared_digits,
+            out_dir=tmp_path / "models/vae/seed0",
+            checkpoint_root=tmp_path / "checkpoints",
+            callbacks=[StopServerAfterFirstEpoch(mlflow_server)],
+        )
+    assert result.epochs == 3 and time.monotonic() - start < 120
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "genlab.sync"]
+    assert "not pushed" in warning and "genlab sync" in warning and "\n" not in warning
+
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # Lightning's logger set it; put back
+    local = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = local.get_run(result.run.run_id)
+    assert run.info.status == "FINISHED"
+    # As the MLflow UI shows a training run: the data as a dataset input (its sha256 as the
+    # digest), the stage as its source, system metrics, the experiment as model development.
     meta = read_meta(prepared_digits)
-    model = VAE(
-        image_shape=meta.shape,
-        levels=meta.levels,
-        num_classes=meta.num_classes,
-        eval_samples=2,
-        **tiny_vae_kwargs,
+    (data,) = run.inputs.dataset_inputs
+    assert (data.dataset.name, data.dataset.digest) == ("digits", meta.data_sha256[:32])
+    assert json.loads(data.dataset.profile)["sha256"] == meta.data_sha256
+    assert [(t.key, t.value) for t in data.tags] == [("mlflow.data.context", "training")]
+    assert run.data.tags["mlflow.source.name"] == "genlab train@vae-0"
+    assert any(key.startswith("system/cpu") for key in run.data.metrics), run.data.metrics
+    experiment = local.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert sorted(m.step for m in local.get_metric_history(run.info.run_id, v.TRAIN_LOSS)) == list(
+        range(12)
     )
-    outage = StopServerAfterFirstEpoch(mlflow_server, logger)
-    trainer = L.Trainer(
-        max_epochs=3,
-        accelerator="cpu",
-        devices=1,
-        logger=logger,
-        callbacks=[outage],
-        log_every_n_steps=1,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
-    L.seed_everything(0)
-    with caplog.at_level(logging.WARNING, logger="genlab.spool"):
-        trainer.fit(model, _loader(prepared_digits, "train"), _loader(prepared_digits, "val"))
-    fit_done_ms = int(time.time() * 1000)
 
-    # Training finished despite the outage; the spool holds epochs 2-3 and the final status.
-    assert trainer.current_epoch == 3 and trainer.global_step == 12
-    spool = Spool(spool_dir)
-    records = spool.pending_records()
-    spooled_steps = {
-        step for r in records if r["kind"] == "metrics" for k, _, _, step in r["metrics"]
-    }
-    assert set(range(4, 12)) <= spooled_steps
-    assert [r["step"] for r in records if r["kind"] == "image"] == [2, 3]
-    assert records[-1]["kind"] == "terminated" and records[-1]["status"] == "FINISHED"
-    warnings = [r.getMessage() for r in caplog.records if r.name == "genlab.spool"]
-    assert sum("unreachable (" in w for w in warnings) == 1, warnings  # once per outage
-    assert all(str(spool_dir) in w and "genlab sync" in w for w in warnings)
-
-    # Server still down: sync fails with one line, exit 1, and leaves the spool as it was.
-    before = (spool_dir / RECORDS).read_bytes()
-    assert genlab_main(["sync", str(spool_dir)]) == 1
-    assert (spool_dir / RECORDS).read_bytes() == before
-
+    # Server still down: sync fails with one line and exit 1.
+    assert genlab_main(["sync"]) == 1
     mlflow_server.start()
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, "-m", "genlab.cli", "sync", str(spool_dir)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+
+    def sync() -> subprocess.CompletedProcess:  # `genlab sync` as a user runs it
+        return subprocess.run(
+            [sys.executable, "-m", "genlab.cli", "sync"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    done = sync()
     assert done.returncode == 0, done.stdout + done.stderr
-    assert f"run {run_id}: replayed" in done.stdout and "2 images" in done.stdout
-    assert not spool.pending() and not (spool_dir / "rejected.jsonl").exists()
+    assert f"run {run.info.run_id} (vae (seed 0)) ->" in done.stdout and "created" in done.stdout
+    remote = MlflowClient(mlflow_server.uri)
+    (copy,) = remote.search_runs(
+        [remote.get_experiment_by_name("digits").experiment_id], "tags.family = 'vae'"
+    )
+    _assert_copy(local, remote, run.info.run_id, copy.info.run_id)
+    pngs = [p for p in _files(remote, copy.info.run_id, "images") if p.endswith(".png")]
+    assert len([p for p in pngs if "compressed" not in p]) == 3  # a sample grid per epoch
 
-    # Every optimizer step's train/loss is in the run, with the time it was logged at.
-    history = client.get_metric_history(run_id, v.TRAIN_LOSS)
-    assert sorted(m.step for m in history) == list(range(trainer.global_step))
-    assert all(m.timestamp <= fit_done_ms for m in history)
-    images = [a.path for a in client.list_artifacts(run_id, "images")]
-    pngs = [p for p in images if p.endswith(".png")]  # each image also has a .webp thumbnail
-    assert sorted(p.split("+step+")[1].split("+")[0] for p in pngs) == ["1", "2", "3"]
-    run = client.get_run(run_id)
-    assert run.info.status == "FINISHED" and run.info.end_time <= fit_done_ms
-    assert run.data.params["model/hidden_dim"] == "8"
+    done = sync()
+    assert done.returncode == 0 and "up to date" in done.stdout, done.stdout + done.stderr
 
-    # A second sync finds nothing to do and changes nothing.
-    assert genlab_main(["sync", str(tmp_path / "checkpoints")]) == 0
-    assert len(client.get_metric_history(run_id, v.TRAIN_LOSS)) == len(history)
-    assert len(client.list_artifacts(run_id, "images")) == len(images)
-    assert json.loads((spool_dir / "spool.json").read_text())["run_id"] == run_id
-
-    # A hung server (stopped, not gone): a call gives up within seconds, the next ones are spooled
-    # without waiting, and after the backoff the spool is replayed and logging goes direct again.
-    monkeypatch.setattr(genlab.spool, "RETRY_AFTER_S", 1.0)
-    monkeypatch.setattr(genlab.spool, "FLUSH_S", 0.0)  # every call sends (or spools) at once
-    # The outage at the end of the fit started a backoff of the old length: end it (the spool is
-    # empty), or the calls below are spooled without contacting the store when this test runs
-    # faster than that backoff.
-    assert logger.replay() == ReplayCounts()
+    # A hung server (stopped, not gone): the end-of-stage push gives up within seconds.
     os.killpg(mlflow_server.proc.pid, signal.SIGSTOP)
     try:
         start = time.monotonic()
-        logger.log_metrics({"hung": 1.0}, step=0)
-        first_s = time.monotonic() - start
-        start = time.monotonic()
-        logger.log_metrics({"hung": 2.0}, step=1)
-        second_s = time.monotonic() - start
+        with caplog.at_level(logging.WARNING, logger="genlab.sync"):
+            push_after_stage(resolve_stores(mlflow_server.uri), [run.info.run_id])
+        assert time.monotonic() - start < 15
     finally:
         os.killpg(mlflow_server.proc.pid, signal.SIGCONT)
-    assert first_s < 10 and second_s < 0.5, (first_s, second_s)
-    assert [r["kind"] for r in spool.pending_records()] == ["metrics", "metrics"]
-    time.sleep(1.0)
-    logger.log_metrics({"hung": 3.0}, step=2)
-    assert not spool.pending()
-    assert sorted(m.step for m in client.get_metric_history(run_id, "hung")) == [0, 1, 2]
 
 
 @pytest.mark.parametrize(
@@ -368,42 +391,39 @@ def test_outage_during_fit_is_spooled_and_synced_after_restart(
 )
 def test_credentials_are_stripped_from_every_uri_genlab_writes(uri: str, written: str) -> None:
     assert without_userinfo(uri) == written
-    record = RunRecord("1", "abc", without_userinfo(uri))
-    assert record.connect_uri(uri) == uri  # the same store: connect with the credentials
-    assert record.connect_uri("http://elsewhere:1") == written
 
 
-def test_replay_sends_only_the_spools_own_files_and_a_missing_one_blocks_nothing(
-    tmp_path: Path,
-) -> None:
-    """A spool is a DVC output (anyone who can write the remote can write it): a record naming
-    a file outside its files/ folder (absolute, `..`, a symlink) is refused and that file is
-    neither uploaded nor deleted; a payload deleted by hand is refused and the records after it
-    still go."""
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    run_id = client.create_run(ensure_experiment(client, "trust")).info.run_id
-    victim = tmp_path / "victim.txt"
-    victim.write_text("not yours")
-    spool = Spool(tmp_path / "spool")
-    spool.bind(client.tracking_uri, run_id)
-    spool.append({"kind": "artifact", "artifact_path": "checkpoint"}, victim)  # a real one
-    (own,) = (spool.path / "files").iterdir()
-    (spool.path / "files" / "link.txt").symlink_to(victim)
-    forged = [str(victim), "../../victim.txt", "link.txt", own.name]
-    with open(spool.path / RECORDS, "a") as f:
-        for name in forged:
-            f.write(json.dumps({"kind": "artifact", "artifact_path": "evil", "file": name}) + "\n")
-    spool.append({"kind": "artifact", "artifact_path": "gone"}, victim)
-    (gone,) = {*(spool.path / "files").iterdir()} - {own, spool.path / "files" / "link.txt"}
-    gone.unlink()  # deleted by hand
-    spool.append({"kind": "metrics", "metrics": [[v.TRAIN_LOSS, 0.5, 1000, 0]]})
+def test_push_lock_serialises_pushes_of_one_store(tmp_path: Path) -> None:
+    """Two pushes of one local store at once would both create the server's copy."""
+    stores = Stores(f"sqlite:///{tmp_path / 'local.db'}", f"sqlite:///{tmp_path / 'team.db'}")
+    other = open(f"{stores.local_path}.push.lock", "a")  # noqa: SIM115 (closed below)
+    try:
+        with genlab.sync.push_lock(stores), pytest.raises(BlockingIOError):
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free again after the push
+    finally:
+        other.close()
 
-    counts = spool.replay(client)
-    # The genuine artifact and the metric went; three forged records and the missing file were
-    # refused; the duplicate of the genuine name found its file already sent and deleted.
-    assert (counts.artifacts, counts.metrics, counts.rejected) == (1, 1, 5)
-    assert not spool.pending()
-    assert victim.read_text() == "not yours"
-    assert [a.path for a in client.list_artifacts(run_id)] == ["checkpoint"]
-    rejected = [json.loads(line) for line in (spool.path / REJECTED).read_text().splitlines()]
-    assert [r["file"] for r in rejected[:3]] == forged[:3]
+
+def test_processes_opening_a_new_local_store_at_once_all_get_it(tmp_path: Path) -> None:
+    """Two `dvc queue` workers starting together create the local store at once; unlocked,
+    MLflow's schema migration fails in one of them (about one process in three here)."""
+    code = (
+        "import sys; from genlab.tracking import Stores, local_client; "
+        "c = local_client(Stores(sys.argv[1], None)); print(len(c.search_experiments()))"
+    )
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    starts = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, uri],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for _ in range(4)
+    ]
+    for process in starts:
+        out, err = process.communicate(timeout=120)
+        assert process.returncode == 0, err.decode()[-2000:]
+        assert out.decode().strip() == "1"  # the Default experiment

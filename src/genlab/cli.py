@@ -86,17 +86,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sync = sub.add_parser(
         "sync",
-        help="replay MLflow logging spooled during a tracking outage",
-        description="Replay every spool (logging a training could not send to its MLflow run) "
-        "into its run. Each spool knows its tracking URI and run id; a replayed record is never "
-        "sent twice, and an unreachable store leaves the spool as it was.",
+        help="push the local MLflow store's runs to the team tracking server",
+        description="Push runs of the local store (mlflow.db at the repository root) to the team "
+        "server that MLFLOW_TRACKING_URI or tracking.uri in the params file names: each run's "
+        "params, tags, metric histories, dataset inputs, files and status that the server lacks. "
+        "Pushing twice sends nothing the second time; a push cut short is finished by the next.",
     )
     sync.add_argument(
-        "paths",
+        "runs",
         nargs="*",
-        metavar="PATH",
-        help="spool folders, or folders searched for spools (default: checkpoints/)",
+        metavar="RUN_ID",
+        help="local run ids (default: every run of the local store)",
     )
+    sync.add_argument("--experiment", help="only the runs of this MLflow experiment")
     return parser
 
 
@@ -111,27 +113,35 @@ def _seed(text: str) -> int:
     return seed
 
 
-def run_sync(paths: list[str]) -> None:
+def run_sync(params_file: str, runs: list[str], experiment: str | None) -> None:
     from pathlib import Path
 
-    from genlab.spool import sync
-    from genlab.tracking import project_root
+    from genlab.sync import local_runs, push
+    from genlab.tracking import resolve_stores
 
-    folders = [Path(p) for p in paths] or [project_root() / "checkpoints"]
-    found = False
-    for r in sync(folders):
-        found = True
-        if r.counts.total == 0 and not r.left:
-            print(f"run {r.run_id}: nothing to replay ({r.spool})")
+    params_uri = None
+    if Path(params_file).is_file():  # only its tracking.uri; MLFLOW_TRACKING_URI wins over it
+        from genlab.config import load_params
+
+        params_uri = load_params(params_file, check_models=False).tracking.uri
+    stores = resolve_stores(params_uri)
+    runs = runs or local_runs(stores, experiment)
+    if not runs:
+        print(f"no runs in {stores.local}: nothing to push")
+        return
+    for result in push(stores, runs):
+        if result.remote_run_id is None:
+            print(f"run {result.local_run_id} ({result.run_name}): deleted on the server, skipped")
         else:
-            print(f"run {r.run_id}: replayed {r.counts.summary()} from {r.spool}")
-    if not found:
-        print(f"no spools in {', '.join(map(str, folders))}: nothing to replay")
+            print(
+                f"run {result.local_run_id} ({result.run_name}) -> {result.remote_run_id}: "
+                f"{result.counts.summary()}"
+            )
 
 
 def run(args: argparse.Namespace) -> None:
-    if args.command == "sync":  # needs no params: each spool knows its store and run
-        run_sync(args.paths)
+    if args.command == "sync":
+        run_sync(args.params, args.runs, args.experiment)
         return
     from genlab.config import load_params
 

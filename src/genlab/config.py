@@ -230,9 +230,14 @@ class RepresentationParams(Strict):
 
 
 class TrackingParams(Strict):
-    # MLflow tracking URI. null: a SQLite file `mlflow.db` at the repository root.
+    # MLflow tracking URI. null: runs go to the local store, a SQLite file `mlflow.db` at the
+    # repository root, alone; sqlite:///<file>: that file is the local store; http(s)://...: a
+    # team server, which gets a copy of every run (genlab.sync) next to the local store.
     # The environment variable MLFLOW_TRACKING_URI, when set, wins over this.
     uri: str | None = None
+    # MLflow's system metrics (CPU, memory, disk, network; GPU with pynvml) during training,
+    # sampled this often (seconds); null: none.
+    system_metrics_every_s: Annotated[float, Field(ge=1, le=3600)] | None = 10.0
     # MLflow experiment name. null: the dataset's name (one experiment per dataset), and
     # folder-<its name> for a folder dataset.
     experiment: str | None = None

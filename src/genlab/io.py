@@ -98,3 +98,18 @@ def save_torch_atomic(obj: Any, path: str | Path) -> None:
 def copy_file_atomic(source: str | Path, path: str | Path) -> None:
     with open(source, "rb") as src, atomic_file(path) as f:
         shutil.copyfileobj(src, f)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (created if missing) for the block: processes taking the
+    same lock run the block one at a time. A lock is per open file, so a process must not take
+    one it already holds (it would wait for itself)."""
+    import fcntl
+
+    with open(path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

@@ -1,23 +1,26 @@
 """MLflow: where runs go, how they are tagged, and how the evaluate stage finds its training run.
 
-- The tracking URI is always explicit: `MLFLOW_TRACKING_URI`, else `tracking.uri` in params, else a
-  SQLite file `mlflow.db` at the repository root. The root comes from `DVC_ROOT`, which DVC sets to
-  the real repository also when a stage runs in an experiment's temporary copy (`dvc exp run
-  --temp` / `--queue`), so every run lands in the same store.
+- Local first: every run is logged into a local SQLite store, `mlflow.db` at the repository root
+  (or the `sqlite:///` file MLFLOW_TRACKING_URI / `tracking.uri` names). The root comes from
+  `DVC_ROOT`, which DVC sets to the real repository also when a stage runs in an experiment's
+  temporary copy (`dvc exp run --temp` / `--queue`), so every run lands in the same store.
+- A team server (MLFLOW_TRACKING_URI / `tracking.uri` naming http(s)) gets a copy of each run by
+  an idempotent push (`genlab.sync`): at the end of each stage when it answers, and by `genlab
+  sync`. It must be reachable when a training starts (`check_reachable` fails within seconds); an
+  outage after that never touches the training, which logs locally, and loses nothing.
 - Experiments of a SQLite store are created with an absolute artifact location next to the store
   file (`mlartifacts/`; at the repository root for the default store), never one relative to a
   temporary working directory.
 - One run per family training; its id is kept in `run.json` next to the final checkpoint so the
   evaluate stage logs into the same run.
 - Only global rank 0 talks to MLflow.
-- A tracking server must be reachable when training starts (`check_reachable` fails within
-  seconds); an outage during training never stops it: `genlab.spool.SpoolingMLFlowLogger` spools
-  what fails and replays it when the server is back, at the end of the fit, or by `genlab sync`.
 """
 
 from __future__ import annotations
 
+import getpass
 import json
+import math
 import os
 import socket
 import subprocess
@@ -31,12 +34,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from genlab.errors import TrackingError
-from genlab.io import write_json_atomic
+from genlab.evaluation import vocabulary as v
+from genlab.io import exclusive_lock, write_json_atomic
 
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
@@ -55,21 +60,55 @@ def _absolute_sqlite(uri: str) -> str:
     return f"sqlite:///{project_root() / path}"
 
 
-def resolve_tracking_uri(params_uri: str | None = None) -> str:
+@dataclass(frozen=True)
+class Stores:
+    """Where runs go: the local SQLite store, always, and the team server, if there is one."""
+
+    local: str  # sqlite:///<absolute path>
+    remote: str | None  # http(s)://... as given (credentials included), or None
+
+    @property
+    def local_path(self) -> Path:
+        return Path(self.local.removeprefix("sqlite:///"))
+
+
+def local_client(stores: Stores) -> MlflowClient:
+    """A client of the local store, its database created (or its schema upgraded) under a lock
+    beside it: two processes creating one SQLite store at once fail in MLflow's schema migration
+    (seen with two `dvc queue` workers starting together)."""
+    stores.local_path.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(f"{stores.local_path}.init.lock"):
+        client = MlflowClient(stores.local)
+        client.search_experiments(max_results=1)  # the store's first use creates the tables
+    return client
+
+
+def resolve_stores(params_uri: str | None = None) -> Stores:
+    """MLFLOW_TRACKING_URI, else `tracking.uri` in params: a `sqlite:///` file is the local store
+    (and there is no team server); any other URI is the team server, and the local store is
+    `mlflow.db` at the repository root. Neither set: that local store alone."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or params_uri
+    default = f"sqlite:///{project_root() / DEFAULT_DB}"
     if not uri:
-        return f"sqlite:///{project_root() / DEFAULT_DB}"
+        return Stores(default, None)
     if "://" not in uri:
         raise ValueError(
             f"tracking URI {uri!r} has no scheme; MLflow no longer accepts a plain folder. "
             f"Use sqlite:///path/to/mlflow.db or http://host:port"
         )
-    return _absolute_sqlite(uri)
+    if is_local_store(uri):
+        if uri.endswith(":memory:"):
+            raise ValueError(
+                f"tracking URI {uri!r} is an in-memory store, gone when the stage ends; use "
+                f"sqlite:///path/to/mlflow.db"
+            )
+        return Stores(_absolute_sqlite(uri), None)
+    return Stores(default, uri)
 
 
 def without_userinfo(uri: str) -> str:
     """`uri` without a user name or password (`http://user:secret@host` -> `http://host`): what
-    genlab writes into run.json, a spool, a log line or an MLflow param. Credentials come from
+    genlab writes into run.json, a log line or an MLflow param. Credentials come from
     MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, or the URI given at run time."""
     parts = urllib.parse.urlsplit(uri)
     if "@" not in parts.netloc:
@@ -159,12 +198,21 @@ def is_global_zero() -> bool:
     )
 
 
+# The MLflow UI opens an experiment in the view its kind names; untagged, MLflow 3 guesses and
+# shows genlab's experiments as GenAI ones (traces, token usage).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def ensure_experiment(client: MlflowClient, name: str) -> str:
-    """Id of experiment `name`, created (with an absolute artifact root) if missing."""
+    """Id of experiment `name`, created (with an absolute artifact root, marked as model
+    development) if missing."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             client.restore_experiment(exp.experiment_id)
+        for key, value in EXPERIMENT_KIND.items():
+            if exp.tags.get(key) != value:
+                client.set_experiment_tag(exp.experiment_id, key, value)
         return exp.experiment_id
     location = None
     if is_local_store(client.tracking_uri):  # the store and its artifacts, side by side
@@ -172,13 +220,36 @@ def ensure_experiment(client: MlflowClient, name: str) -> str:
         folder = store.parent if store.is_absolute() else project_root()
         location = (folder / DEFAULT_ARTIFACTS).as_uri()
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
     except Exception:
         # Another process (a parallel queue worker) created it between our two calls.
         exp = client.get_experiment_by_name(name)
         if exp is None:
             raise
         return exp.experiment_id
+
+
+def log_dataset(
+    client: MlflowClient,
+    run_id: str,
+    *,
+    name: str,
+    sha256: str,
+    profile: dict[str, Any],
+    context: str,
+) -> None:
+    """The prepared dataset as an MLflow dataset input of the run (the UI's Dataset column,
+    searchable as `dataset.digest`): its digest is the first 32 hex digits of its sha256 (MLflow
+    keeps at most 36 characters), the whole sha256 is in its profile; `context` says what the
+    run used it for (training: train and validation splits; evaluation: the test split)."""
+    dataset = Dataset(
+        name=name,
+        digest=sha256[:32],
+        source_type="local",
+        source=json.dumps({"uri": "data/prepared"}),
+        profile=json.dumps(profile | {"sha256": sha256}),
+    )
+    client.log_inputs(run_id, [DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, context)])])
 
 
 def _git(*args: str) -> str | None:
@@ -191,6 +262,13 @@ def _git(*args: str) -> str | None:
     return out.strip()
 
 
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry for this uid (some containers)
+        return "unknown"
+
+
 def provenance_tags(*, stage: str, data_sha256: str) -> dict[str, str]:
     """Tags linking a run to the code, the data and the DVC stage/experiment that produced it."""
     commit = _git("rev-parse", "HEAD") or os.environ.get("DVC_EXP_BASELINE_REV", "unknown")
@@ -198,6 +276,10 @@ def provenance_tags(*, stage: str, data_sha256: str) -> dict[str, str]:
     tags = {
         "git_commit": commit,
         "mlflow.source.git.commit": commit,
+        # The UI's Source column: the stage, as DVC runs it.
+        "mlflow.source.type": "LOCAL",
+        "mlflow.source.name": f"genlab {os.environ.get('DVC_STAGE', stage)}",
+        "mlflow.user": _user(),
         "git_dirty": "unknown" if status is None else str(bool(status)).lower(),
         "dvc_stage": os.environ.get("DVC_STAGE", stage),
         "data_sha256": data_sha256,
@@ -211,16 +293,11 @@ def provenance_tags(*, stage: str, data_sha256: str) -> dict[str, str]:
 @dataclass(frozen=True)
 class RunRecord:
     """Where a family's training run lives; written as run.json beside its checkpoints (the
-    tracking URI without credentials)."""
+    local store's URI and the run's id there)."""
 
     experiment_id: str
     run_id: str
     tracking_uri: str
-
-    def connect_uri(self, current: str) -> str:
-        """The URI to reach this run's store with: `current` (the one resolved now, with its
-        credentials) when it names the same store, else the recorded one."""
-        return current if without_userinfo(current) == self.tracking_uri else self.tracking_uri
 
     def save(self, path: str | Path) -> None:
         write_json_atomic(path, asdict(self))
@@ -276,34 +353,43 @@ def _log_all(
 
 def log_evaluation(
     record: RunRecord,
+    stores: Stores,
     metrics: dict[str, float],
     *,
-    params_uri: str | None,
     step: int,
     protocol: dict[str, Any],
     artifacts: list[Path],
+    data: tuple[str, str, dict[str, Any]],
+    confidence: float,
 ) -> None:
-    """Log the evaluate stage's metrics and files into the family's training run.
+    """Log the evaluate stage's metrics and files into the family's training run, in the local
+    store (the one of this repository: run.json may name the store of a moved copy of it), with
+    the data (name, sha256, profile) as its evaluation dataset input.
 
     The protocol goes in as tags (`eval.<key>`), not params: MLflow params are immutable and the
     same training run is re-evaluated when only the protocol changes.
     """
     if not is_global_zero():
         return
-    client = MlflowClient(record.connect_uri(resolve_tracking_uri(params_uri)))
+    client = local_client(stores)
     tags = {f"eval.{key}": value for key, value in protocol.items()}
+    name, sha256, profile = data
     try:
+        log_dataset(
+            client, record.run_id, name=name, sha256=sha256, profile=profile, context="evaluation"
+        )
         _log_all(client, record.run_id, metrics, tags, artifacts, "evaluation", step)
+        tag_model_versions(client, record.run_id, metrics, confidence)
     except MlflowException as exc:
         raise TrackingError(
-            f"could not log evaluation to MLflow run {record.run_id} at {record.tracking_uri}: "
+            f"could not log evaluation to MLflow run {record.run_id} in {stores.local}: "
             f"{exc.message.splitlines()[0]}; the metrics file is written, re-run the stage once "
-            f"the store is reachable"
+            f"the store is usable"
         ) from None
 
 
 def _log_run(
-    params_uri: str | None,
+    stores: Stores,
     experiment: str,
     *,
     run_name: str,
@@ -314,10 +400,11 @@ def _log_run(
     artifacts: list[Path],
     artifact_dir: str,
 ) -> RunRecord | None:
-    """One finished run of a stage that is not a training (baselines, report)."""
+    """One finished run, in the local store, of a stage that is not a training (baselines,
+    report)."""
     if not is_global_zero():
         return None
-    client = MlflowClient(resolve_tracking_uri(params_uri))
+    client = local_client(stores)
     own = provenance_tags(stage=artifact_dir, data_sha256=data_sha256) | {"family": family_tag}
     try:
         record = start_run(client, experiment, run_name=run_name, tags=own)
@@ -325,11 +412,58 @@ def _log_run(
         client.set_terminated(record.run_id)
     except MlflowException as exc:
         raise TrackingError(
-            f"could not log the {artifact_dir} run to {without_userinfo(client.tracking_uri)}: "
+            f"could not log the {artifact_dir} run to {stores.local}: "
             f"{exc.message.splitlines()[0]}; the files are written, re-run the stage once the "
-            f"store is reachable"
+            f"store is usable"
         ) from None
     return record
+
+
+def registered_model_name(experiment: str, family: str) -> str:
+    """The model registry's entry of a family on a dataset: one version per training run."""
+    return f"{experiment}-{family}"
+
+
+def register_model(
+    client: MlflowClient, run_id: str, *, name: str, description: str, tags: dict[str, str]
+) -> str:
+    """Run `run_id`'s `checkpoint/` artifact as a version of registered model `name` (created if
+    missing); the version links to the run, so its page leads to the training curves and the
+    evaluation's metrics. Registering a run again returns its version."""
+    try:
+        client.create_registered_model(name, description=description)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    if existing:
+        return str(existing[0].version)
+    source = f"runs:/{run_id}/checkpoint"
+    return str(client.create_model_version(name, source, run_id=run_id, tags=tags).version)
+
+
+def _headline(key: str) -> bool:
+    """The evaluation metrics a model version shows as tags: sample quality, memorisation, held-out
+    likelihood."""
+    if v.is_uncertainty(key):
+        return False
+    if key in (v.FID, v.KID, v.PRECISION, v.RECALL, v.COND_ACC, v.AUTHENTICITY, v.C_T):
+        return True
+    return key.startswith("test/") and key.endswith("_nats")
+
+
+def tag_model_versions(
+    client: MlflowClient, run_id: str, metrics: dict[str, float], confidence: float
+) -> None:
+    """The headline evaluation metrics, each with its interval, as tags of the run's registered
+    model versions (the registry's page then compares them without opening the runs)."""
+    for version in client.search_model_versions(f"run_id = '{run_id}'"):
+        for key in filter(_headline, metrics):
+            e = v.estimate(metrics, key, confidence=confidence)
+            text = f"{e.value:.4g}"
+            if math.isfinite(e.low) and math.isfinite(e.high):
+                text += f" [{e.low:.4g}, {e.high:.4g}]"
+            client.set_model_version_tag(version.name, version.version, key, text)
 
 
 BASELINES_TAG = "baselines"  # tags.family of the baselines run
@@ -337,7 +471,7 @@ REPORT_TAG = "report"  # tags.family of the report run
 
 
 def log_baselines(
-    params_uri: str | None,
+    stores: Stores,
     experiment: str,
     metrics: dict[str, float],
     *,
@@ -348,7 +482,7 @@ def log_baselines(
     """One run per baselines stage: every row's metrics as `<row>.<metric>`, the protocol as
     `eval.protocol.*` tags (as in the families' runs), the metrics file."""
     return _log_run(
-        params_uri,
+        stores,
         experiment,
         run_name="baselines (copycat, held-out real)",
         family_tag=BASELINES_TAG,
@@ -361,7 +495,7 @@ def log_baselines(
 
 
 def log_report(
-    params_uri: str | None,
+    stores: Stores,
     experiment: str,
     *,
     data_sha256: str,
@@ -369,7 +503,7 @@ def log_report(
 ) -> RunRecord | None:
     """One run per report: the summary and its figures as files."""
     return _log_run(
-        params_uri,
+        stores,
         experiment,
         run_name="report",
         family_tag=REPORT_TAG,

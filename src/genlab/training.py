@@ -22,10 +22,11 @@ import lightning as L
 import torch
 import yaml
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from mlflow.tracking import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from genlab.config import Params, TrainerParams, config_hash
 from genlab.data.datamodule import PreparedDataModule, derived_seed
@@ -36,25 +37,28 @@ from genlab.evaluation.vocabulary import NUM_PARAMS, TRAIN_WALL_S, nll_key
 from genlab.io import copy_file_atomic
 from genlab.models import MODELS, GenerativeModule
 from genlab.paths import MODEL_FILE, RUN_FILE
-from genlab.spool import SpoolingMLFlowLogger
+from genlab.sync import push_after_stage
 from genlab.tracking import (
     RunRecord,
+    Stores,
     check_reachable,
     flatten,
     is_global_zero,
+    local_client,
+    log_dataset,
     provenance_tags,
-    resolve_tracking_uri,
-    short_http_retries,
+    register_model,
+    registered_model_name,
+    resolve_stores,
     start_run,
     without_userinfo,
 )
 
-SPOOL_DIR = "spool"  # <checkpoint dir>/spool: MLflow calls that failed, for `genlab sync`
 LAST = "last"  # in-progress checkpoint: <checkpoint_root>/<config hash>/last.ckpt
 BEST = "best"  # the best validation epoch so far (likelihood families), next to it
 NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
 # Two of Lightning's warnings that are wrong about a genlab fit, printed by every training: the
-# checkpoint folder holds the run's run.json (and any spool) before its first checkpoint, and the
+# checkpoint folder holds the run's run.json before its first checkpoint, and the
 # curves are logged by global step, so an epoch shorter than `log_every_n_steps` still logs.
 MISLEADING_WARNINGS = (
     r"Checkpoint directory .* exists and is not empty",
@@ -303,8 +307,8 @@ class SampleGridCallback(Callback):
         nrow = model.num_classes if model.conditional else int(self.n**0.5) or 1
         grid = image_grid(samples, model.levels, nrow=nrow)
         for logger in trainer.loggers:
-            if isinstance(logger, SpoolingMLFlowLogger):
-                logger.log_image(grid, key="samples", step=epoch)
+            if isinstance(logger, MLFlowLogger):
+                logger.experiment.log_image(logger.run_id, grid, key="samples", step=epoch)
         self.logged_steps.append(epoch)
 
 
@@ -361,21 +365,69 @@ class TrainResult:
     wall_s: float
 
 
-def _open_run(params: Params, run_name: str, ckpt_dir: Path, tags: dict[str, str]) -> RunRecord:
-    """The MLflow run of this training: resumed from `ckpt_dir` if it holds one, else new."""
+def _open_run(
+    stores: Stores, experiment: str, run_name: str, ckpt_dir: Path, tags: dict[str, str]
+) -> RunRecord:
+    """The MLflow run of this training in the local store: the one `ckpt_dir` names if the store
+    has it (a resumed fit, also from a moved copy of the repository), else a new one."""
+    if stores.remote is not None:
+        check_reachable(stores.remote)  # an unreachable team server fails here, in seconds
+    check_reachable(stores.local)
+    client = local_client(stores)
     record_path = ckpt_dir / RUN_FILE
-    uri = resolve_tracking_uri(params.tracking.uri)
-    check_reachable(uri)  # an unreachable server fails here, in seconds, not minutes in
-    client = MlflowClient(uri)
-    with short_http_retries():
-        if record_path.is_file():
-            record = RunRecord.load(record_path)
-            if record.tracking_uri == without_userinfo(client.tracking_uri):
-                client.set_terminated(record.run_id, status="RUNNING")
-                return record
-        record = start_run(client, params.experiment_name, run_name=run_name, tags=tags)
+    if record_path.is_file():
+        record = RunRecord.load(record_path)
+        try:
+            run = client.get_run(record.run_id)
+        except MlflowException:  # a checkpoint folder from another store
+            run = None
+        if run is not None and run.info.lifecycle_stage == "active":
+            client.update_run(record.run_id, status="RUNNING")
+            record = RunRecord(run.info.experiment_id, record.run_id, stores.local)
+            record.save(record_path)
+            return record
+    record = start_run(client, experiment, run_name=run_name, tags=tags)
     record.save(record_path)
     return record
+
+
+def mlflow_logger(stores: Stores, run_id: str) -> MLFlowLogger:
+    """Lightning's MLflow logger for run `run_id` of the local store, used once here.
+
+    Its first use calls `mlflow.set_tracking_uri`, which also sets MLFLOW_TRACKING_URI (for
+    subprocesses). genlab reads that variable to find the team server, so it is put back as it
+    was: a later stage in the same process (a library user's, a test's) still pushes."""
+    logger = MLFlowLogger(tracking_uri=stores.local, run_id=run_id)
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        logger.experiment  # noqa: B018 (the first use)
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved
+    return logger
+
+
+@contextmanager
+def system_metrics(
+    record: RunRecord | None, stores: Stores, every_s: float | None
+) -> Iterator[None]:
+    """MLflow's own system metrics monitor (CPU, memory, disk, network; GPU where pynvml is
+    installed) logging `system/*` curves into the run while the block runs (rank 0 only)."""
+    if record is None or every_s is None:
+        yield
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(
+        record.run_id, sampling_interval=every_s, resume_logging=True, tracking_uri=stores.local
+    )
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
 
 
 def strategy(tp: TrainerParams, model: GenerativeModule) -> str | DDPStrategy:
@@ -441,21 +493,23 @@ def train_family(
 
     record = None
     loggers = []
+    stores = resolve_stores(params.tracking.uri)
     if is_global_zero():
         tags = provenance_tags(stage=f"train@{family}-{seed}", data_sha256=meta.data_sha256)
         tags |= {"family": family, "seed": str(seed), "dataset": meta.dataset}
         tags |= {"config_hash": config_hash(config)}
-        record = _open_run(params, run_name(family, seed), ckpt_dir, tags)
-        # Logging failures during training are spooled to the checkpoint folder and replayed
-        # when the server is back, at the end of the fit, or by `genlab sync`.
-        loggers.append(
-            SpoolingMLFlowLogger(
-                tracking_uri=record.connect_uri(resolve_tracking_uri(params.tracking.uri)),
-                run_id=record.run_id,
-                spool_dir=ckpt_dir / SPOOL_DIR,
-                experiment_id=record.experiment_id,
-            )
+        record = _open_run(stores, params.experiment_name, run_name(family, seed), ckpt_dir, tags)
+        log_dataset(
+            local_client(stores),
+            record.run_id,
+            name=meta.dataset,
+            sha256=meta.data_sha256,
+            profile=meta.profile(),
+            context="training",
         )
+        # Lightning's own logger, into the local store: a file, which no outage can stop. The
+        # team server gets the run by the push at the end.
+        loggers.append(mlflow_logger(stores, record.run_id))
 
     own, best = _callbacks(params, family, seed, model, ckpt_dir)
     callbacks = [*callbacks, *own]
@@ -487,10 +541,14 @@ def train_family(
         resolved = params.resolved()
         if resolved["tracking"]["uri"]:  # never a password into the run
             resolved["tracking"]["uri"] = without_userinfo(resolved["tracking"]["uri"])
-        logger.log_text(yaml.safe_dump(resolved), "params.yaml")
+        logger.experiment.log_text(record.run_id, yaml.safe_dump(resolved), "params.yaml")
     resume = resume_checkpoint(ckpt_dir)
     try:
-        with without_nvml_cuda_check(), without_misleading_warnings():
+        with (
+            system_metrics(record, stores, params.tracking.system_metrics_every_s),
+            without_nvml_cuda_check(),
+            without_misleading_warnings(),
+        ):
             trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
     except SIGTERMException:
         # Lightning raises SystemExit(None) here: exit code 0, which DVC would record as a
@@ -524,9 +582,17 @@ def train_family(
     wall_s = time.perf_counter() - start
     if record is not None:
         logger = loggers[0]
-        logger.log_artifact(final, "checkpoint")
+        logger.experiment.log_artifact(record.run_id, str(final), "checkpoint")
+        register_model(
+            logger.experiment,
+            record.run_id,
+            name=registered_model_name(params.experiment_name, family),
+            description=f"genlab's {family} family trained on {meta.dataset}",
+            tags={"family": family, "seed": str(seed), "config_hash": config_hash(config)},
+        )
         num_params = sum(p.numel() for p in model.parameters())
         logger.log_metrics({TRAIN_WALL_S: wall_s, NUM_PARAMS: num_params})
-        logger.finalize("success")  # replays what an outage left in the spool, or says so
+        logger.finalize("success")
         record.save(out_dir / RUN_FILE)
+        push_after_stage(stores, [record.run_id])  # to the team server, if there is one
     return TrainResult(record, final, trainer.current_epoch, wall_s)

@@ -60,6 +60,15 @@ class Meta:
         joined = "".join(self.splits[s]["sha256"] for s in SPLITS)
         return hashlib.sha256(joined.encode()).hexdigest()
 
+    def profile(self) -> dict:
+        """What an MLflow dataset input shows of the data: split sizes, shape, levels, classes."""
+        return {
+            "num_rows": {name: split["n"] for name, split in self.splits.items()},
+            "shape": list(self.shape),
+            "levels": self.levels,
+            "num_classes": self.num_classes,
+        }
+
     def to_json(self) -> dict:
         return {
             "dataset": self.dataset,

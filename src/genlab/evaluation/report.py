@@ -465,6 +465,13 @@ def _class_fid_table(families: list[Row]) -> list[str]:
 
 def _seeds_table(families: list[Row]) -> list[str]:
     seeds = sorted({s for r in families for s in r.runs})
+    if len(seeds) < 2:  # no spread to show: say how to measure it instead of "± nan"
+        return [
+            f"One training seed ({', '.join(map(str, seeds))}): how much a family's numbers move "
+            "with its training seed is not measured. Train several "
+            "(`dvc exp run -S 'seeds=[0,1,2]' -S evaluate.sample_seeds=3`, the three-seed "
+            "profile) to get each number's mean ± sd over seeds here."
+        ]
     body = []
     for r in families:
         for q, key in (("generation", v.FID), ("likelihood", r.likelihood_key())):

@@ -11,7 +11,8 @@ from genlab.evaluation.baselines import baseline_metrics
 from genlab.evaluation.protocol import load_reference, measurement
 from genlab.evaluation.vocabulary import PROTOCOL, is_uncertainty
 from genlab.io import write_json_atomic
-from genlab.tracking import flatten, log_baselines
+from genlab.sync import push_after_stage
+from genlab.tracking import flatten, log_baselines, resolve_stores
 
 
 def main(params: Params) -> None:
@@ -28,14 +29,17 @@ def main(params: Params) -> None:
         device=params.trainer.eval_device,
     )
     write_json_atomic(paths.BASELINE_METRICS, rows | {PROTOCOL: protocol.as_dict()})
-    log_baselines(
-        params.tracking.uri,
+    stores = resolve_stores(params.tracking.uri)
+    record = log_baselines(
+        stores,
         params.experiment_name,
         flatten(rows),
         data_sha256=meta.data_sha256,
         protocol=protocol.as_dict(),
         artifacts=[paths.BASELINE_METRICS],
     )
+    if record is not None:
+        push_after_stage(stores, [record.run_id])  # to the team server, if there is one
     for name, metrics in rows.items():
         shown = {k: round(x, 4) for k, x in metrics.items() if not is_uncertainty(k)}
         print(f"{name}: {shown}")

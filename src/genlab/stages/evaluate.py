@@ -14,6 +14,7 @@ import torch
 
 from genlab import paths
 from genlab.config import Params
+from genlab.data.prepared import read_meta
 from genlab.distributed import launch
 from genlab.evaluation.evaluate import evaluate_model
 from genlab.evaluation.grids import save_png
@@ -21,7 +22,8 @@ from genlab.evaluation.vocabulary import PROTOCOL, is_uncertainty
 from genlab.io import atomic_folder, write_json_atomic
 from genlab.models import MODELS
 from genlab.paths import MODEL_FILE, RUN_FILE
-from genlab.tracking import RunRecord, flatten, log_evaluation
+from genlab.sync import push_after_stage
+from genlab.tracking import RunRecord, flatten, log_evaluation, resolve_stores
 
 
 def write_grids(grids: dict[str, np.ndarray], folder: Path) -> list[Path]:
@@ -63,13 +65,18 @@ def main(params: Params, family: str, seed: int) -> None:
         "representation": params.representation.model_dump(),
         "protocol": result.protocol.as_dict(),
     }
+    stores = resolve_stores(params.tracking.uri)
+    meta = read_meta(paths.PREPARED)
     log_evaluation(
         record,
+        stores,
         result.metrics,
-        params_uri=params.tracking.uri,
         step=step,
         protocol=flatten(protocol),
         artifacts=[*figures, metrics_file],
+        data=(meta.dataset, meta.data_sha256, meta.profile()),
+        confidence=params.evaluate.confidence,
     )
+    push_after_stage(stores, [record.run_id])  # to the team server, if there is one
     shown = {k: round(v, 4) for k, v in result.metrics.items() if not is_uncertainty(k)}
     print(f"evaluated {family} (seed {seed}): {shown}")

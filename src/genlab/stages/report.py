@@ -31,7 +31,8 @@ from genlab.evaluation.report import (
 from genlab.evaluation.vocabulary import PROTOCOL
 from genlab.io import write_text_atomic
 from genlab.models import MODELS
-from genlab.tracking import log_report
+from genlab.sync import push_after_stage
+from genlab.tracking import log_report, resolve_stores
 
 
 def _read_json(path: Path, stage: str) -> dict:
@@ -101,10 +102,13 @@ def main(params: Params) -> None:
         protocol_id=protocol.id,
     )
     write_text_atomic(paths.REPORT_SUMMARY, summary)
-    log_report(
-        params.tracking.uri,
+    stores = resolve_stores(params.tracking.uri)
+    record = log_report(
+        stores,
         params.experiment_name,
         data_sha256=meta.data_sha256,
         artifacts=[paths.REPORT_SUMMARY, *figures],
     )
+    if record is not None:
+        push_after_stage(stores, [record.run_id])  # to the team server, if there is one
     print(summary)
