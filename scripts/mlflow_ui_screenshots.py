@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--experiment", default="digits")
     parser.add_argument("--family", default="diffusion")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "mlflow-ui")
-    parser.add_argument("--budget-ms", type=int, default=15000, help="render time per page")
+    parser.add_argument("--budget-ms", type=int, default=40000, help="render time per page")
     args = parser.parse_args()
     browser = chromium()
     client = MlflowClient(args.store)
@@ -115,6 +115,9 @@ def main() -> None:
         if versions:
             pages["model-version.png"] = f"{base}/#/models/{name}/versions/{versions[0].version}"
         for file, url in pages.items():
+            # MLflow 3.17 opens its GenAI workspace whatever the experiment's kind; this query
+            # (or the "Model training" switch, which the browser remembers) selects the other.
+            url += ("&" if "?" in url else "?") + "workflowType=machine_learning"
             shoot(browser, url, args.out / file, args.budget_ms)
     finally:
         os.killpg(server.pid, signal.SIGTERM)

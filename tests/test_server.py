@@ -126,6 +126,13 @@ def stage_commands(dvc_yaml: Path, families: list[str], seeds: list[int]) -> lis
     return commands
 
 
+def metric_text(work: Path, key: str) -> str:
+    """How a model version's tag shows the vae's `key`: the value and its interval."""
+    written = json.loads((work / paths.family_metrics("vae", 0)).read_text())
+    e = v.estimate(written, key)
+    return f"{e.value:.4g} [{e.low:.4g}, {e.high:.4g}]"
+
+
 def metrics_of(run: dict) -> dict[str, float]:
     return {m["key"]: m["value"] for m in run["data"].get("metrics", [])}
 
@@ -194,6 +201,11 @@ def test_tiny_training_logs_over_http_and_rest_search_returns_its_eval_metrics(
     local = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
     local_runs = local.search_runs([local.get_experiment_by_name("digits").experiment_id])
     assert {r.data.tags["family"] for r in local_runs} == {"vae", "baselines", "report"}
+    (trained,) = [r for r in local_runs if r.data.tags["family"] == "vae"]
+    inputs = {(d.dataset.name, d.tags[0].value) for d in trained.inputs.dataset_inputs}
+    assert inputs == {("digits", "training"), ("digits (test split)", "evaluation")}
+    (version,) = local.search_model_versions(f"run_id = '{trained.info.run_id}'")
+    assert version.name == "digits-vae" and version.tags[v.FID] == metric_text(work, v.FID)
     pushed = server.search_runs("digits", "", [])
     assert {tags_of(r)[LOCAL_RUN_TAG] for r in pushed} == {r.info.run_id for r in local_runs}
     (run,) = server.search_runs("digits", "tags.family = 'vae'", [f"metrics.`{v.FID}` ASC"])

@@ -198,8 +198,8 @@ def is_global_zero() -> bool:
     )
 
 
-# The MLflow UI opens an experiment in the view its kind names; untagged, MLflow 3 guesses and
-# shows genlab's experiments as GenAI ones (traces, token usage).
+# MLflow's marker of what an experiment is for: model training, not GenAI (traces, token usage).
+# (MLflow 3.17's UI opens its GenAI workspace by default all the same; README says how to switch.)
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 

@@ -14,7 +14,7 @@ import torch
 
 from genlab import paths
 from genlab.config import Params
-from genlab.data.prepared import read_meta
+from genlab.data.prepared import Meta, read_meta
 from genlab.distributed import launch
 from genlab.evaluation.evaluate import evaluate_model
 from genlab.evaluation.grids import save_png
@@ -33,6 +33,14 @@ def write_grids(grids: dict[str, np.ndarray], folder: Path) -> list[Path]:
         for name, grid in grids.items():
             save_png(grid, tmp / f"{name}.png")
     return [folder / f"{name}.png" for name in grids]
+
+
+def held_out_dataset(meta: Meta, split: str) -> tuple[str, str, dict]:
+    """The split the evaluation scored as an MLflow dataset (name, sha256, profile): a dataset
+    of its own, since MLflow keeps one input per dataset and run (the training's is the whole
+    prepared data)."""
+    profile = meta.profile() | {"split": split}
+    return f"{meta.dataset} ({split} split)", meta.splits[split]["sha256"], profile
 
 
 def main(params: Params, family: str, seed: int) -> None:
@@ -74,7 +82,7 @@ def main(params: Params, family: str, seed: int) -> None:
         step=step,
         protocol=flatten(protocol),
         artifacts=[*figures, metrics_file],
-        data=(meta.dataset, meta.data_sha256, meta.profile()),
+        data=held_out_dataset(meta, params.evaluate.split),
         confidence=params.evaluate.confidence,
     )
     push_after_stage(stores, [record.run_id])  # to the team server, if there is one
