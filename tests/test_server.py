@@ -26,9 +26,9 @@ from mlflow.tracking import MlflowClient
 from genlab import paths
 from genlab.cli import main as genlab_main
 from genlab.evaluation import vocabulary as v
+from genlab.paths import run_name
 from genlab.sync import LOCAL_RUN_TAG, push
 from genlab.tracking import Stores, check_reachable, ensure_experiment
-from genlab.training import run_name
 
 REPO = Path(__file__).resolve().parents[1]
 SERVER_SCRIPT = REPO / "scripts/tracking_server.py"

@@ -26,9 +26,9 @@ from genlab.evaluation import vocabulary as v
 from genlab.models import MODELS
 from genlab.models.ebm import ENERGY_GAP_STEPS
 from genlab.models.gan import D_WIN_STEPS
-from genlab.paths import MODEL_FILE
+from genlab.paths import MODEL_FILE, run_name
 from genlab.stages import train as train_stage
-from genlab.training import NVML_CHECK, run_name, train_family
+from genlab.training import NVML_CHECK, train_family
 from pre_emption import start_until_checkpoint
 
 GENLAB = [sys.executable, "-m", "genlab.cli"]

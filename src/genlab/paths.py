@@ -31,6 +31,11 @@ def seed_name(seed: int) -> str:
     return f"seed{seed}"
 
 
+def run_name(family: str, seed: int) -> str:
+    """The MLflow run of a family's training with one seed, and how logs name that training."""
+    return f"{family} (seed {seed})"
+
+
 def family_model_dir(family: str, seed: int) -> Path:
     """The final checkpoint (model.ckpt) and its MLflow run (run.json), written after a full fit."""
     return Path("models") / family / seed_name(seed)

@@ -36,7 +36,8 @@ from genlab.evaluation.grids import image_grid
 from genlab.evaluation.vocabulary import NUM_PARAMS, TRAIN_WALL_S, nll_key
 from genlab.io import copy_file_atomic
 from genlab.models import MODELS, GenerativeModule
-from genlab.paths import MODEL_FILE, RUN_FILE
+from genlab.paths import MODEL_FILE, RUN_FILE, run_name
+from genlab.progress import ProgressLine, wants_bar
 from genlab.sync import push_after_stage
 from genlab.tracking import (
     RunRecord,
@@ -459,11 +460,6 @@ def for_speed(model: GenerativeModule, tp: TrainerParams) -> GenerativeModule:
     return model
 
 
-def run_name(family: str, seed: int) -> str:
-    """The MLflow run of a family's training with one seed."""
-    return f"{family} (seed {seed})"
-
-
 def train_family(
     params: Params,
     family: str,
@@ -512,7 +508,9 @@ def train_family(
         loggers.append(mlflow_logger(stores, record.run_id))
 
     own, best = _callbacks(params, family, seed, model, ckpt_dir)
-    callbacks = [*callbacks, *own]
+    bar = wants_bar()  # a terminal: Lightning's bar; a log (DVC, CI): a line every 30 s
+    progress = [] if bar else [ProgressLine(f"train {run_name(family, seed)}")]
+    callbacks = [*callbacks, *own, *progress]
     trainer = L.Trainer(
         max_epochs=fp.max_epochs,
         accelerator=tp.accelerator,
@@ -526,7 +524,7 @@ def train_family(
         default_root_dir=ckpt_dir,
         # PreparedDataModule shards by rank itself (seeded per epoch, unpadded validation).
         use_distributed_sampler=False,
-        enable_progress_bar=False,
+        enable_progress_bar=bar,
         enable_model_summary=False,
     )
     if record is not None:

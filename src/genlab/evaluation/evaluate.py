@@ -27,6 +27,7 @@ from genlab.evaluation.representation import represent
 from genlab.evaluation.rows import Row, generation_metrics, memorisation_row, row_features
 from genlab.models import GenerativeModule
 from genlab.models.base import bits_per_dim
+from genlab.progress import steps
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ def generate(
     total = n * sets
     mine = {}
     start = time.perf_counter()
-    for b in shard.batches(-(-total // batch_size)):
+    for b in steps(shard.batches(-(-total // batch_size)), "sampling", quiet=not shard.is_zero):
         i = b * batch_size
         size = min(batch_size, total - i)
         y = None if stream is None else stream[i : i + size]
@@ -137,16 +138,23 @@ def prediction_metrics(
     def density(split: str) -> torch.Tensor:
         # Detection needs log p(x) alone: one score per image where the family scores
         # without labels (`score_images(joint=False)`).
-        return score_images(model, splits[split].x, joint=False, **kw).log_px
+        return score_images(
+            model, splits[split].x, joint=False, what=f"scoring {split}", **kw
+        ).log_px
 
     # Classification and the marginal need the joint scores of every class; a family that
     # needs its labels to score marginalises those for detection too (no second pass).
-    labelled = score_images(model, splits[heldout].x, **kw) if model.conditional else None
+    labelled = None
+    if model.conditional:
+        labelled = score_images(model, splits[heldout].x, what=f"classifying {heldout}", **kw)
     reuse = labelled is not None and not model.scores_without_labels
     held = labelled.log_px if reuse else density(heldout)
     val = held if heldout == "val" else density("val")
     sets = ood_sets(params.ood_sets, splits[heldout].x, model.levels, protocol.seed)
-    outside = {name: score_images(model, x, joint=False, **kw).log_px for name, x in sets.items()}
+    outside = {
+        name: score_images(model, x, joint=False, what=f"scoring OOD {name}", **kw).log_px
+        for name, x in sets.items()
+    }
     calibration = calibrate(val, params.statistic, params.fpr)
     out = ood_metrics(held, outside, calibration, confidence=confidence)
     if labelled is not None and labelled.joint is not None:

@@ -30,6 +30,7 @@ from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from
 from genlab.config import EvaluateParams
 from genlab.evaluation import inception
 from genlab.evaluation.evaluator import check_images, load_classifier
+from genlab.progress import wants_bar
 
 EXTRACTOR_NAME = "genlab-evaluator"
 
@@ -225,7 +226,8 @@ def extract_features(
             verbose=False,
         )
         # The images are already in memory: no DataLoader worker processes (save_cpu_ram).
+        # verbose: torch-fidelity's own tqdm bar, on a terminal only (a bar in a log is noise).
         out = get_featuresdict_from_dataset(
-            _Images(x.cpu()), module, batch_size, cuda, save_cpu_ram=True, verbose=False
+            _Images(x.cpu()), module, batch_size, cuda, save_cpu_ram=True, verbose=wants_bar()
         )
     return Features(features=out[extractor.feature_layer], logits=out[extractor.isc_layer])

@@ -11,6 +11,7 @@ from genlab.data.datasets import Split
 from genlab.evaluation import vocabulary as v
 from genlab.evaluation.intervals import mean_and_se
 from genlab.models.base import GenerativeModule, bits_per_dim
+from genlab.progress import steps
 
 
 class HeldOutNLL(NamedTuple):
@@ -37,7 +38,7 @@ def per_image_nll(
     out = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for i in range(0, len(split), batch_size):
+        for i in steps(range(0, len(split), batch_size), f"likelihood ({samples} draws)"):
             x = split.x[i : i + batch_size].to(model.device)
             y = model.labels_for(split.y[i : i + batch_size]) if model.conditional else None
             out.append(-model.log_prob(x, y, samples=samples).double().cpu())

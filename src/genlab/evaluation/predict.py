@@ -23,6 +23,7 @@ from typing import Literal, NamedTuple
 import torch
 
 from genlab.models.base import GenerativeModule
+from genlab.progress import steps
 
 Scorer = Literal["likelihood", "energy"]
 
@@ -70,6 +71,7 @@ def score_images(
     seed: int,
     shortlist: int | None = None,
     joint: bool = True,
+    what: str = "scoring",
 ) -> Scores:
     """Density scores of images x (uint8 (N, C, H, W)) and, for a conditional family, the
     joint scores of every class.
@@ -89,7 +91,8 @@ def score_images(
 
     `joint=False` asks for log p(x) alone: a model that `scores_without_labels` then scores each
     image once, without labels (Scores.joint None); any other conditional model still
-    marginalises its joint scores, which it returns too.
+    marginalises its joint scores, which it returns too. `what` names the loop in the progress
+    output (`progress.steps`).
     """
     kind = scorer(model)
     if kind is None:
@@ -103,7 +106,7 @@ def score_images(
     log_px, joints = [], []
     devices = [model.device.index or 0] if model.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        for i, start in enumerate(range(0, n, batch_size)):
+        for i, start in enumerate(steps(range(0, n, batch_size), what)):
             xb = x[start : start + batch_size].to(model.device)
             if unlabelled:
                 log_px.append(_score(model, kind, xb, None, samples, seed + i))

@@ -34,6 +34,7 @@ from genlab.evaluation import vocabulary as v
 from genlab.evaluation.grids import image_grid
 from genlab.evaluation.intervals import wilson
 from genlab.models.base import GenerativeModule
+from genlab.progress import steps
 
 # Iterations of the probe's L-BFGS; standardised features of a few hundred dims converge well
 # within this.
@@ -67,7 +68,7 @@ def _encode(
     _check_latent(model)
     model.eval()
     out = []
-    for start in range(0, x.shape[0], batch_size):
+    for start in steps(range(0, x.shape[0], batch_size), "encoding"):
         # Labels only for a model whose encode needs them (encodes_with_labels).
         yb = y[start : start + batch_size] if model.encodes_with_labels and y is not None else None
         out.append(model.encode(x[start : start + batch_size], yb).cpu())

@@ -21,7 +21,8 @@ from genlab.evaluation.grids import save_png
 from genlab.evaluation.vocabulary import PROTOCOL, is_uncertainty
 from genlab.io import atomic_folder, write_json_atomic
 from genlab.models import MODELS
-from genlab.paths import MODEL_FILE, RUN_FILE
+from genlab.paths import MODEL_FILE, RUN_FILE, run_name
+from genlab.progress import scope
 from genlab.sync import push_after_stage
 from genlab.tracking import RunRecord, flatten, log_evaluation, resolve_stores
 
@@ -52,16 +53,17 @@ def main(params: Params, family: str, seed: int) -> None:
     # Metrics go in at the checkpoint's step, so the final val/... point sits on the training
     # curve where that checkpoint was chosen.
     step = torch.load(checkpoint, map_location="cpu", weights_only=True)["global_step"]
-    result = evaluate_model(
-        model,
-        prepared_dir=paths.PREPARED,
-        evaluator_path=paths.EVALUATOR,
-        reference_dir=paths.REFERENCE,
-        protocol=params.evaluate,
-        prediction=params.prediction,
-        representation=params.representation,
-        shard=shard,
-    )
+    with scope(f"evaluate {run_name(family, seed)}"):  # how its progress lines start
+        result = evaluate_model(
+            model,
+            prepared_dir=paths.PREPARED,
+            evaluator_path=paths.EVALUATOR,
+            reference_dir=paths.REFERENCE,
+            protocol=params.evaluate,
+            prediction=params.prediction,
+            representation=params.representation,
+            shard=shard,
+        )
     if result is None:  # a rank that only sampled: rank 0 writes and logs
         return
     figures = write_grids(result.grids, paths.family_figures(family, seed))
