@@ -34,6 +34,9 @@ from typing import NamedTuple
 
 import yaml
 
+from genlab.paths import PROFILES
+from genlab.profiles import overlay
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin: dvc and genlab live here
 # Directories the pipeline writes (whatever of them git does not ignore is still not copied).
@@ -60,10 +63,6 @@ def parse_stage(name: str) -> Stage:
     if match := MATRIX_STAGE.match(name):
         return Stage(name, match["kind"], match["family"], int(match["seed"]))
     return Stage(name, name, None, None)
-
-
-sys.path.insert(0, str(ROOT / "scripts"))
-from ci_train import overlay  # noqa: E402  (scripts/ is not a package)
 
 
 def project_files() -> list[str]:
@@ -106,7 +105,7 @@ def make_copy(
         (dest / directory).mkdir(parents=True, exist_ok=True)
     params = yaml.safe_load((dest / "params.yaml").read_text())
     if quick:
-        params = overlay(params, yaml.safe_load((ROOT / "ci/params.yaml").read_text()))
+        params = overlay(params, yaml.safe_load((ROOT / PROFILES / "ci.yaml").read_text()))
     if profile is not None:
         params = overlay(params, yaml.safe_load(profile.read_text()))
     if families:

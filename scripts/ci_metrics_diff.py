@@ -49,7 +49,7 @@ def render(base: str, table: str) -> str:
             MARKER,
             f"## genlab CI training: metrics against `{base}`",
             "",
-            "Every family trained and evaluated on the CI profile (`ci/params.yaml` merged over "
+            "Every family trained and evaluated on the CI profile (`profiles/ci.yaml` merged over "
             "`params.yaml`): tiny models, to catch breakage and large moves. The base column is "
             "whatever metrics are committed at the base revision.",
             "",

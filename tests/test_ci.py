@@ -23,7 +23,7 @@ BIN = Path(sys.executable).parent  # the venv's bin: actionlint and shellcheck (
 WORKFLOWS = sorted((REPO / ".github/workflows").glob("*.y*ml"))
 CI_TRAIN = REPO / "scripts/ci_train.py"
 METRICS_DIFF = REPO / "scripts/ci_metrics_diff.py"
-PROFILE = REPO / "ci/params.yaml"
+PROFILE = REPO / "profiles/ci.yaml"
 
 
 def _tool(name: str) -> Path:

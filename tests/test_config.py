@@ -22,7 +22,7 @@ from genlab.errors import ConfigError
 from genlab.models import MODELS
 
 REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
-TRAINING_KEYS = {"max_epochs", "batch_size", "early_stopping_patience"}
+TRAINING_KEYS = {"max_epochs", "batch_size", "early_stopping_patience", "max_steps"}
 
 # (id, params.yaml text, the key the one-line error must name)
 BAD_PARAMS = [

@@ -3,7 +3,6 @@ on tiny params, checked against the real SQLite MLflow store it writes."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -26,6 +25,7 @@ from genlab.evaluation import vocabulary as v
 from genlab.evaluation.figures import FIGURES
 from genlab.evaluation.predict import scorer
 from genlab.models import MODELS
+from genlab.profiles import overlay
 from genlab.tracking import BASELINES_TAG, REPORT_TAG
 from pre_emption import start_until_checkpoint
 
@@ -33,11 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin: dvc and genlab live here
 
 # The CI profile (what .github/workflows/train.yml trains): every family, tiny; merged over
-# params.yaml by the very function `scripts/ci_train.py` applies it with.
-TINY = yaml.safe_load((REPO / "ci/params.yaml").read_text())
-_spec = importlib.util.spec_from_file_location("ci_train", REPO / "scripts/ci_train.py")
-ci_train = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ci_train)
+# params.yaml by the very function `genlab profile` (and `scripts/ci_train.py`) applies it with.
+TINY = yaml.safe_load((REPO / "profiles/ci.yaml").read_text())
 
 
 def _tracked_files() -> list[str]:
@@ -72,9 +69,10 @@ def _env() -> dict[str, str]:
     return env
 
 
-def run(cmd: list[str], cwd: Path) -> str:
-    """Run a command as a user would; its stdout (stderr shown only when it fails)."""
-    result = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True)
+def run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
+    """Run a command as a user would (with `env` added to the environment); its stdout (stderr
+    shown only when it fails)."""
+    result = subprocess.run(cmd, cwd=cwd, env=_env() | (env or {}), capture_output=True, text=True)
     assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}"
     return result.stdout
 
@@ -104,18 +102,25 @@ def dvc_outputs(dvc_yaml: dict, families: list[str], seeds: list[int]) -> list[P
     return found
 
 
-def make_repo(root: Path, override: dict | None = None) -> Path:
-    """A git repository at `root` holding this project's files with tiny params (and then
-    `override` merged over them)."""
+def copy_project(root: Path) -> Path:
+    """A git repository at `root` holding this project's files as they are here."""
     for name in _tracked_files():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, root / name)
-    params = ci_train.overlay(yaml.safe_load((REPO / "params.yaml").read_text()), TINY)
-    params = ci_train.overlay(params, override or {})
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q"], root)
     run(["git", "add", "-A"], root)
     run(["git", "commit", "-q", "-m", "baseline"], root)
+    return root
+
+
+def make_repo(root: Path, override: dict | None = None) -> Path:
+    """A git repository at `root` holding this project's files with tiny params (and then
+    `override` merged over them)."""
+    copy_project(root)
+    params = overlay(yaml.safe_load((REPO / "params.yaml").read_text()), TINY)
+    params = overlay(params, override or {})
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "commit", "-q", "-am", "tiny params"], root)
     return root
 
 

@@ -11,11 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import genlab.progress
 from genlab.config import parse_params
-from genlab.evaluation.evaluate import generate
-from genlab.evaluation.protocol import Protocol
+from genlab.data.datasets import Split
+from genlab.evaluation.likelihood import per_image_nll
 from genlab.models import MODELS
 from genlab.training import train_family
 
@@ -160,34 +161,17 @@ def test_a_loop_on_a_terminal_shows_a_tqdm_bar() -> None:
     assert "ETA" not in text  # the bar, not the plain line
 
 
-def test_the_evaluations_sampling_reports_progress(tiny: dict, monkeypatch, capsys) -> None:
-    """A real `generate` call reports its batches (here every batch, EVERY_S = 0) on stderr."""
+def test_the_evaluations_likelihood_reports_progress(tiny: dict, monkeypatch, capsys) -> None:
+    """A real `per_image_nll` pass reports its batches (here every batch, EVERY_S = 0) on stderr,
+    under the stage's scope."""
     monkeypatch.setattr(genlab.progress, "EVERY_S", 0.0)
     model = MODELS["vae"](image_shape=(1, 8, 8), levels=17, num_classes=10, **tiny["vae"])
-    protocol = Protocol(
-        extractor="genlab-evaluator",
-        weights_sha256="0" * 64,
-        feature_layer="features",
-        isc_layer="logits",
-        input="uint8 levels",
-        resize="none",
-        data_sha256="0" * 64,
-        reference_split="test",
-        heldout_split="val",
-        num_samples=20,
-        sample_seeds=2,
-        bootstrap=10,
-        confidence=0.95,
-        kid_subset_size=2,
-        kid_subsets=1,
-        prc_neighborhood=3,
-        isc_splits=1,
-        copying_cells=2,
-        copying_tau=0.05,
-        seed=0,
-    )
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 17, (40, 1, 8, 8), generator=g, dtype=torch.uint8)
+    split = Split(x=x, y=torch.arange(40) % 10)
     with genlab.progress.scope("evaluate vae (seed 0)"):
-        generate(model, protocol, batch_size=10)
-    lines = [x for x in capsys.readouterr().err.splitlines() if "sampling" in x]
-    shares = [line.split(": sampling ")[1].split(",")[0] for line in lines]
+        per_image_nll(model, split, batch_size=10, seed=0)
+    lines = [x for x in capsys.readouterr().err.splitlines() if "likelihood" in x]
+    assert all(x.startswith("evaluate vae (seed 0): likelihood (1 draws) ") for x in lines)
+    shares = [line.split(" draws) ")[1].split(",")[0] for line in lines]
     assert shares == [f"{i}/4 batches ({25 * i}%)" for i in (1, 2, 3, 4, 4)]

@@ -99,6 +99,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="local run ids (default: every run of the local store)",
     )
     sync.add_argument("--experiment", help="only the runs of this MLflow experiment")
+    profile = sub.add_parser(
+        "profile",
+        help="write params profiles (profiles/<name>.yaml) into the params file",
+        description="Merge each profile, in order, over the params file and write it there "
+        "(comments kept), after checking the result as every stage reads it: e.g. `genlab "
+        "profile mnist`, then `dvc repro`. A profile holds only the keys it changes; mappings "
+        "merge key by key, other values replace. Applying it again changes nothing.",
+    )
+    profile.add_argument(
+        "profiles", nargs="*", metavar="NAME", help="a name in profiles/ or a .yaml file"
+    )
+    profile.add_argument(
+        "--force", action="store_true", help="apply over uncommitted edits of the params file"
+    )
     return parser
 
 
@@ -139,9 +153,27 @@ def run_sync(params_file: str, runs: list[str], experiment: str | None) -> None:
             )
 
 
+def run_profile(params_file: str, names: list[str], *, force: bool) -> None:
+    from pathlib import Path
+
+    from genlab.profiles import apply_profiles, available, resolve
+
+    params = Path(params_file)
+    root = params.resolve().parent
+    if not names:
+        print("profiles: " + (", ".join(available(root)) or f"none in {root / 'profiles'}"))
+        return
+    applied = apply_profiles(params, [resolve(name, root) for name in names], force=force)
+    what = "wrote" if applied.changed else "already holds"
+    print(f"{what} {params}: {' then '.join(names)} merged over it; `git diff {params}` shows it")
+
+
 def run(args: argparse.Namespace) -> None:
     if args.command == "sync":
         run_sync(args.params, args.runs, args.experiment)
+        return
+    if args.command == "profile":
+        run_profile(args.params, args.profiles, force=args.force)
         return
     from genlab.config import load_params
 

@@ -116,6 +116,10 @@ class TrainerParams(Strict):
     # channels_last memory format for the networks: faster convolutions on GPUs with tensor
     # cores (bf16-mixed/16-mixed); no gain on CPU.
     channels_last: bool = False
+    # Every family stops once its training has used this many FLOPs (genlab.compute: forward,
+    # backward and optimiser steps, all processes), within its max_epochs and max_steps: the
+    # families compared at equal training compute. null: no FLOP budget.
+    budget_flops: Annotated[float, Field(gt=0, le=1e30)] | None = None
 
     @property
     def multi_process(self) -> bool:
@@ -248,6 +252,9 @@ class FamilyParams(Strict):
 
     max_epochs: PositiveInt
     batch_size: PositiveInt
+    # Stop after this many optimiser steps (a GAN's batch counts once), within max_epochs;
+    # null: no step budget. The part-epoch is validated and checkpointed like a whole one.
+    max_steps: PositiveInt | None = None
     # Stop when the validation likelihood has not improved for this many epochs (families with
     # a likelihood); null: train for max_epochs. The best-validation checkpoint is kept either way.
     early_stopping_patience: PositiveInt | None = None
@@ -462,16 +469,22 @@ _Yaml12Loader.add_implicit_resolver(
 )
 
 
+def read_yaml(text: str, source: str | Path) -> Any:
+    """A params-style YAML document as DVC (YAML 1.2) reads it; ConfigError naming `source` and
+    the line where it is not valid YAML or YAML 1.1 would read it otherwise."""
+    try:
+        return yaml.load(text, Loader=_Yaml12Loader)
+    except _ReadsDifferently as exc:
+        raise ConfigError(f"{source}: line {exc.line}: {exc.problem}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{source}: not valid YAML{where}; fix the syntax") from None
+
+
 def load_params(path: str | Path = "params.yaml", *, check_models: bool = True) -> Params:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: file not found; run genlab from the repository root")
-    try:
-        raw = yaml.load(path.read_text(), Loader=_Yaml12Loader)
-    except _ReadsDifferently as exc:
-        raise ConfigError(f"{path}: line {exc.line}: {exc.problem}") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}: not valid YAML{where}; fix the syntax") from None
+    raw = read_yaml(path.read_text(), path)
     return parse_params(raw, str(path), check_models=check_models)

@@ -22,9 +22,14 @@ BASELINE_METRICS = METRICS_DIR / "baselines.json"
 REPORT_FIGURES = REPORTS / "figures"
 
 
+# Params profiles (an input, not an output): profiles/<name>.yaml, applied by `genlab profile`.
+PROFILES = Path("profiles")
+
 # In a family's model folder (family_model_dir): the final checkpoint and its MLflow run.
 MODEL_FILE = "model.ckpt"
 RUN_FILE = "run.json"
+TRAIN_COST_FILE = "train.json"  # the training's FLOPs, steps, wall time and parameters
+COMPUTE_CURVE_FILE = "compute_curve.json"  # in the evaluate stage's figures folder
 
 
 def seed_name(seed: int) -> str:
@@ -72,3 +77,9 @@ def family_interpolation(family: str, seed: int) -> Path:
 def family_traversal(family: str, seed: int) -> Path:
     """Latent traversals (families whose latent compresses the image)."""
     return family_figures(family, seed) / "traversal.png"
+
+
+def family_compute_curve(family: str, seed: int) -> Path:
+    """The validation metric against training steps and FLOPs (from the train stage's
+    train.json), next to the grids: what the report's quality-versus-compute figure draws."""
+    return family_figures(family, seed) / COMPUTE_CURVE_FILE

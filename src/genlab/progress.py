@@ -119,9 +119,12 @@ def _line(stream: TextIO, label: str, done: int, total: float, unit: str, elapse
 class ProgressLine(Callback):
     """One plain progress line at most every EVERY_S (and one at the end), from global rank 0."""
 
-    def __init__(self, what: str, stream: TextIO | None = None) -> None:
+    def __init__(
+        self, what: str, stream: TextIO | None = None, *, max_steps: int | None = None
+    ) -> None:
         self.what = what
         self.stream = stream
+        self.max_steps = max_steps  # a step budget ends the fit before max_epochs
         self._start = self._last = 0.0
         self._images = 0
         self._first = 0  # the batch a (resumed) fit started at
@@ -151,6 +154,7 @@ class ProgressLine(Callback):
         self._last = now
         elapsed = now - self._start
         total = trainer.max_epochs * trainer.num_training_batches  # inf when unknown
+        total = total if self.max_steps is None else min(total, self.max_steps)
         # The epoch of the last batch done (at the fit's end current_epoch is already past it).
         per_epoch = trainer.num_training_batches
         epoch = max(1, math.ceil(self._batch / per_epoch)) if math.isfinite(per_epoch) else "?"

@@ -28,15 +28,16 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from mlflow.exceptions import MlflowException
 
+from genlab.compute import ComputeBudget
 from genlab.config import Params, TrainerParams, config_hash
 from genlab.data.datamodule import PreparedDataModule, derived_seed
 from genlab.data.prepared import read_meta
 from genlab.errors import TrainingDiverged, TrainingInterrupted
 from genlab.evaluation.grids import image_grid
-from genlab.evaluation.vocabulary import NUM_PARAMS, TRAIN_WALL_S, nll_key
-from genlab.io import copy_file_atomic
+from genlab.evaluation.vocabulary import CURVE, NUM_PARAMS, TRAIN_WALL_S, nll_key
+from genlab.io import copy_file_atomic, write_json_atomic
 from genlab.models import MODELS, GenerativeModule
-from genlab.paths import MODEL_FILE, RUN_FILE, run_name
+from genlab.paths import MODEL_FILE, RUN_FILE, TRAIN_COST_FILE, run_name
 from genlab.progress import ProgressLine, wants_bar
 from genlab.sync import push_after_stage
 from genlab.tracking import (
@@ -508,9 +509,12 @@ def train_family(
         loggers.append(mlflow_logger(stores, record.run_id))
 
     own, best = _callbacks(params, family, seed, model, ckpt_dir)
+    monitor = nll_key("val", model.likelihood) if model.likelihood != "none" else None
+    budget = ComputeBudget(max_steps=fp.max_steps, max_flops=tp.budget_flops, monitor=monitor)
     bar = wants_bar()  # a terminal: Lightning's bar; a log (DVC, CI): a line every 30 s
-    progress = [] if bar else [ProgressLine(f"train {run_name(family, seed)}")]
-    callbacks = [*callbacks, *own, *progress]
+    what = f"train {run_name(family, seed)}"
+    progress = [] if bar else [ProgressLine(what, max_steps=fp.max_steps)]
+    callbacks = [*callbacks, budget, *own, *progress]
     trainer = L.Trainer(
         max_epochs=fp.max_epochs,
         accelerator=tp.accelerator,
@@ -559,7 +563,7 @@ def train_family(
     if (
         trainer.received_sigterm
         or trainer.interrupted
-        or not (trainer.current_epoch >= fp.max_epochs or stopped_early)
+        or not (trainer.current_epoch >= fp.max_epochs or stopped_early or budget.reached)
     ):
         raise TrainingInterrupted(
             f"training of {family} stopped at epoch {trainer.current_epoch}/{fp.max_epochs}; "
@@ -578,6 +582,10 @@ def train_family(
         # Every rank takes part (a barrier inside); rank 0 writes, through a temporary file.
         trainer.save_checkpoint(final)
     wall_s = time.perf_counter() - start
+    num_params = sum(p.numel() for p in model.parameters())
+    cost = budget.metrics() | {TRAIN_WALL_S: wall_s, NUM_PARAMS: num_params}
+    if trainer.is_global_zero:  # what the evaluate stage puts next to the family's metrics
+        write_json_atomic(out_dir / TRAIN_COST_FILE, cost | {CURVE: budget.curve})
     if record is not None:
         logger = loggers[0]
         logger.experiment.log_artifact(record.run_id, str(final), "checkpoint")
@@ -588,8 +596,7 @@ def train_family(
             description=f"genlab's {family} family trained on {meta.dataset}",
             tags={"family": family, "seed": str(seed), "config_hash": config_hash(config)},
         )
-        num_params = sum(p.numel() for p in model.parameters())
-        logger.log_metrics({TRAIN_WALL_S: wall_s, NUM_PARAMS: num_params})
+        logger.log_metrics(cost, step=trainer.global_step)
         logger.finalize("success")
         record.save(out_dir / RUN_FILE)
         push_after_stage(stores, [record.run_id])  # to the team server, if there is one

@@ -6,13 +6,10 @@ No network: the download path is exercised against a closed local port, so it fa
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import logging
-import pickle
 import socket
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +18,7 @@ import torch
 from PIL import Image
 from torchvision.datasets import CIFAR10, MNIST, FashionMNIST
 
+from formats import cifar_md5s, write_cifar, write_idx_dataset
 from genlab.config import DatasetParams, parse_params
 from genlab.data.datasets import DATASETS, load_dataset
 from genlab.data.prepared import SPLITS, load_split, prepare, read_meta
@@ -42,28 +40,8 @@ def _closed_port_url() -> str:
     return f"http://127.0.0.1:{port}/"
 
 
-def _write_idx(path: Path, array: np.ndarray) -> None:
-    """The idx format of LeCun's MNIST files: 0x00 0x00, type 0x08 (ubyte), ndim, big-endian
-    int32 sizes, then the bytes."""
-    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}i", *array.shape)
-    path.write_bytes(header + array.astype(np.uint8).tobytes())
-
-
 def _write_idx_dataset(root: Path, cls: type[MNIST]) -> dict[str, np.ndarray]:
-    # Uncompressed: torchvision reads only these names (MNIST._check_exists strips the .gz of
-    # `resources`); a .gz is extracted only by download(), after checking the official md5.
-    raw = root / cls.__name__ / "raw"
-    raw.mkdir(parents=True)
-    rng = _rng(0)
-    arrays = {
-        "train-images-idx3-ubyte": rng.integers(0, 256, (N_TRAIN, 28, 28)),
-        "train-labels-idx1-ubyte": rng.integers(0, 10, N_TRAIN),
-        "t10k-images-idx3-ubyte": rng.integers(0, 256, (N_TEST, 28, 28)),
-        "t10k-labels-idx1-ubyte": rng.integers(0, 10, N_TEST),
-    }
-    for name, array in arrays.items():
-        _write_idx(raw / name, array)
-    return arrays
+    return write_idx_dataset(root, cls.__name__, N_TRAIN, N_TEST)
 
 
 @pytest.mark.parametrize("name", sorted(IDX))
@@ -89,23 +67,7 @@ def test_idx_datasets_load_with_official_test_and_last_val_size_as_val(
 
 
 def _write_cifar(root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """cifar-10-batches-py as the official archive holds it: pickled dicts with `data` rows of
-    3072 bytes (the red, green, blue 32x32 planes) and `labels`; batches.meta holds the names."""
-    folder = root / CIFAR10.base_folder
-    folder.mkdir(parents=True)
-    rng = _rng(1)
-    x = rng.integers(0, 256, (N_TRAIN + N_TEST, 3072), dtype=np.uint8)
-    y = rng.integers(0, 10, N_TRAIN + N_TEST)
-    per_batch = N_TRAIN // 5
-    for b in range(5):
-        rows = slice(b * per_batch, (b + 1) * per_batch)
-        batch = {"data": x[rows], "labels": y[rows].tolist()}
-        (folder / f"data_batch_{b + 1}").write_bytes(pickle.dumps(batch))
-    test = {"data": x[N_TRAIN:], "labels": y[N_TRAIN:].tolist()}
-    (folder / "test_batch").write_bytes(pickle.dumps(test))
-    names = ["airplane", "automobile", "bird", "cat", "deer", "f", "g", "h", "i", "j"]
-    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": names}))
-    return x[:N_TRAIN], y[:N_TRAIN], x[N_TRAIN:], y[N_TRAIN:]
+    return write_cifar(root, N_TRAIN, N_TEST)
 
 
 def _accept_written_cifar(monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
@@ -114,14 +76,10 @@ def _accept_written_cifar(monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
     off. The test writes its own files, so it puts their md5s in the class's file lists; every
     other line of the real class (existence and md5 checks, unpickling, the meta file) runs as
     it does on the real data."""
-    folder = root / CIFAR10.base_folder
-
-    def md5(name: str) -> str:
-        return hashlib.md5((folder / name).read_bytes()).hexdigest()
-
-    monkeypatch.setattr(CIFAR10, "train_list", [[n, md5(n)] for n, _ in CIFAR10.train_list])
-    monkeypatch.setattr(CIFAR10, "test_list", [[n, md5(n)] for n, _ in CIFAR10.test_list])
-    monkeypatch.setattr(CIFAR10, "meta", CIFAR10.meta | {"md5": md5(CIFAR10.meta["filename"])})
+    md5 = cifar_md5s(root)
+    monkeypatch.setattr(CIFAR10, "train_list", [[n, md5[n]] for n, _ in CIFAR10.train_list])
+    monkeypatch.setattr(CIFAR10, "test_list", [[n, md5[n]] for n, _ in CIFAR10.test_list])
+    monkeypatch.setattr(CIFAR10, "meta", CIFAR10.meta | {"md5": md5[CIFAR10.meta["filename"]]})
 
 
 def test_cifar10_loads_pickled_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

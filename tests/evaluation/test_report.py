@@ -72,7 +72,9 @@ def synthetic_metrics(family: str, conditional: bool, fid: float) -> dict[str, f
     m |= with_ci(v.RECALL, 0.7, 0.05) | with_ci(v.DENSITY, 0.9, 0.1)
     m |= with_ci(v.COVERAGE, 0.6, 0.05) | with_ci(v.ISC, 5.0, 0.2)
     m |= rates(0.0, 0.55) | with_ci(v.C_T, 1.0, 1.0)
-    m |= {v.SAMPLES_PER_S: 100.0, v.NFE_PER_SAMPLE: 1.0}
+    m |= {v.SAMPLES_PER_S: 100.0, v.NFE_PER_SAMPLE: 1.0, v.SAMPLE_FLOPS: 2.5e6}
+    m |= {v.TRAIN_FLOPS: 1.5e12, v.TRAIN_STEPS: 1600.0, v.TRAIN_WALL_S: 61.0}
+    m |= {v.NUM_PARAMS: 123456.0}
     if cls.likelihood != "none":
         nats = 80.0 + FAMILIES.index(family)
         m |= {v.nll_key("test", cls.likelihood): nats, v.se(v.nll_key("test", cls.likelihood)): 0.3}
@@ -294,8 +296,19 @@ def test_every_figure_is_a_png_and_grids_handle_missing_files(tmp_path: Path) ->
     assert grids["vae"]["samples"] == tmp_path / grid
     assert grids["gan"]["interpolation"] == "n/a: no encoder"
     assert grids["vae"]["traversal"].startswith("n/a: no traversal grid")
+    curves = {
+        "vae": {0: [{"steps": 10.0, "flops": 1e9, "val/nll_bound_nats": 120.0}]},
+        "flow": {0: [{"steps": 10.0, "flops": 2e9, "val/nll_bound_nats": 110.0}] * 2},
+        "gan": {0: []},
+    }
     written = write_figures(
-        families, baseline_rows(), ood_sets=OOD_SETS, grids=grids, out_dir=tmp_path / "figures"
+        families,
+        baseline_rows(),
+        ood_sets=OOD_SETS,
+        grids=grids,
+        curves=curves,
+        dims=64,
+        out_dir=tmp_path / "figures",
     )
     assert [p.stem for p in written] == list(FIGURES)
     for path in written:
@@ -317,6 +330,9 @@ def test_stage_reads_json_and_writes_summary_and_figures(project_dir: Path) -> N
     report_stage.main(params)
     summary = paths.REPORT_SUMMARY.read_text()
     assert "pixelcnn ≈ flow > diffusion ≈ ebm ≈ gan > vae" in summary
+    # The cost of each family, as train.json and the evaluation measured it.
+    compute = summary.split("## Compute")[1].split("##")[0]
+    assert "| vae | 123,456 | 1,600 | 1.5e+12 | 61 | 2.5e+06 | 1 | 10 |" in compute
     for name in FIGURES:
         assert (paths.REPORT_FIGURES / f"{name}.png").is_file()
     client = MlflowClient(params.tracking.uri)

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from genlab.compute import sampling_flops
 from genlab.config import EvaluateParams, PredictionParams, RepresentationParams
 from genlab.data.datamodule import derived_seed
 from genlab.data.datasets import Split
@@ -261,6 +262,8 @@ def evaluate_model(
     total = measured_under.num_samples * measured_under.sample_seeds
     metrics[v.SAMPLES_PER_S] = total / generated.seconds
     metrics[v.NFE_PER_SAMPLE] = model.nfe_per_sample
+    with phases("sample_flops", device):  # one small batch more, under torch's FLOP counter
+        metrics[v.SAMPLE_FLOPS] = sampling_flops(model, min(16, protocol.batch_size))
     first = generated.sets[0]
     n_grid = min(64, len(first))
     nrow = model.num_classes if model.conditional else 8

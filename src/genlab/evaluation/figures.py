@@ -39,6 +39,7 @@ FIGURES = (
     "prediction",
     "representation",
     "conditional",
+    "compute",
     "grids",
 )
 BASELINE_STYLE = {COPYCAT: "tab:red", HELDOUT: "tab:green", REAL: "tab:green"}
@@ -182,6 +183,42 @@ def conditional_figure(families: list[Row], ood_sets: list[str], path: Path) -> 
     return _save(fig, path)
 
 
+# A family's curve: training seed -> [{"steps": .., "flops": .., <val metric>: ..}, ...]
+Curves = dict[str, dict[int, list[dict[str, float]]]]
+
+
+def compute_figure(curves: Curves, dims: int, path: Path) -> Path:
+    """Quality against training compute: each likelihood family's validation NLL (bits/dim, a
+    bound where the family's is one) at every validation of its training, against the training
+    FLOPs spent by then; a line per training seed. Lower is better; where the lines cross, which
+    family is best depends on the budget."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    drawn = []
+    for i, (family, seeds) in enumerate(curves.items()):
+        colour = f"C{i}"
+        for k, (_, points) in enumerate(sorted(seeds.items())):
+            points = [p for p in points if p.get("flops", 0) > 0]
+            keys = [key for key in (points[0] if points else {}) if key not in ("steps", "flops")]
+            if not keys:
+                continue
+            flops = [p["flops"] for p in points]
+            bpd = [p[keys[0]] / (dims * math.log(2)) for p in points]
+            label = f"{family} ({keys[0]})" if k == 0 else None
+            ax.plot(flops, bpd, marker=".", color=colour, label=label)
+            drawn.append(family)
+    missing = [f for f in curves if f not in drawn]
+    if drawn:
+        ax.set_xscale("log")
+        ax.legend(fontsize=8)
+    ax.set_xlabel("training FLOPs")
+    ax.set_ylabel("validation NLL, bits/dim (lower is better)")
+    title = "Quality against training compute"
+    if missing:
+        title += f"\n(no validation likelihood: {', '.join(missing)})"
+    ax.set_title(title, fontsize=10)
+    return _save(fig, path)
+
+
 def grids_figure(grids: dict[str, dict[GridKind, Path | str]], path: Path) -> Path:
     """The families' grids side by side: a row per family, a column per grid kind; a missing grid
     is an empty panel with its reason."""
@@ -214,6 +251,8 @@ def write_figures(
     *,
     ood_sets: list[str],
     grids: dict[str, dict[GridKind, Path | str]],
+    curves: Curves,
+    dims: int,
     out_dir: Path,
 ) -> list[Path]:
     """Every figure of the report into `out_dir` (names: FIGURES)."""
@@ -224,5 +263,6 @@ def write_figures(
         prediction_figure(families, baselines, ood_sets, out_dir / "prediction.png"),
         representation_figure(families, baselines, ood_sets, out_dir / "representation.png"),
         conditional_figure(families, ood_sets, out_dir / "conditional.png"),
+        compute_figure(curves, dims, out_dir / "compute.png"),
         grids_figure(grids, out_dir / "grids.png"),
     ]

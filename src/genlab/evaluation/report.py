@@ -484,6 +484,44 @@ def _seeds_table(families: list[Row]) -> list[str]:
     return _table(["family", "metric", *[f"seed {s}" for s in seeds], "mean ± sd"], body)
 
 
+def _compute_table(families: list[Row]) -> list[str]:
+    """What each family cost: its training (steps, FLOPs, wall time) and drawing one image
+    (FLOPs, network evaluations, seconds); a mean over training seeds."""
+
+    def value(r: Row, key: str) -> float:
+        return r.estimate(key).value
+
+    def num(x: float, form: str) -> str:
+        return format(x, form) if math.isfinite(x) else "—"
+
+    body = []
+    for r in families:
+        per_s = value(r, v.SAMPLES_PER_S)
+        body.append(
+            [
+                r.name,
+                num(value(r, v.NUM_PARAMS), ",.0f"),
+                num(value(r, v.TRAIN_STEPS), ",.0f"),
+                num(value(r, v.TRAIN_FLOPS), ".3g"),
+                num(value(r, v.TRAIN_WALL_S), ".0f"),
+                num(value(r, v.SAMPLE_FLOPS), ".3g"),
+                num(value(r, v.NFE_PER_SAMPLE), ".0f"),
+                num(1e3 / per_s if per_s > 0 else math.nan, ".3g"),
+            ]
+        )
+    header = [
+        "family",
+        "parameters",
+        "training steps",
+        "training FLOPs",
+        "training s",
+        "FLOPs / sample",
+        "NFE / sample",
+        "ms / sample",
+    ]
+    return _table(header, body)
+
+
 def summary_markdown(
     families: list[Row],
     baselines: dict[str, Row],
@@ -607,6 +645,16 @@ def summary_markdown(
         "## Per-class FID",
         "",
         *_class_fid_table(families),
+        "",
+        "## Compute",
+        "",
+        "FLOPs are torch's count of the matrix multiplications and convolutions (forward, "
+        "backward and optimiser steps of the training on all its processes; one `sample` call "
+        "for a sample), 2 per multiply-add; seconds are wall time on the machine that ran the "
+        "stage (training: the whole fit, validation included). A family given "
+        "`trainer.budget_flops` stopped at that budget, within one step.",
+        "",
+        *_compute_table(families),
         "",
         "## Training seeds",
         "",

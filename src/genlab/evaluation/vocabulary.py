@@ -170,7 +170,19 @@ OOD_THRESHOLD = "ood/threshold"
 
 TRAIN_LOSS = "train/loss"
 TRAIN_WALL_S = "train/wall_s"
+# Training compute (genlab.compute): FLOPs of all optimiser steps of all processes, and the steps
+# (a GAN's batch, its critic and generator steps together, counts once).
+TRAIN_FLOPS = "train/flops"
+TRAIN_STEPS = "train/steps"
+# Drawing one image: FLOPs (counted on one batch of `sample`) next to eval/nfe_per_sample.
+SAMPLE_FLOPS = "eval/sample_flops"
 NUM_PARAMS = "model/num_params"
+# The training's cost, as the train stage measured it (models/<family>/seed<k>/train.json),
+# copied into the family's metrics by the evaluate stage.
+TRAINING_COST = (TRAIN_WALL_S, TRAIN_FLOPS, TRAIN_STEPS, NUM_PARAMS)
+# ... and, under this key of train.json, the validation metric at every validation against the
+# steps and FLOPs spent so far: [{"steps": .., "flops": .., "val/nll_nats": ..}, ...].
+CURVE = "curve"
 
 
 def phase_seconds(phase: str) -> str:

@@ -7,6 +7,7 @@ The metrics file holds the metrics (each with its interval or standard error) an
 tags.
 """
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -18,22 +19,26 @@ from genlab.data.prepared import Meta, read_meta
 from genlab.distributed import launch
 from genlab.evaluation.evaluate import evaluate_model
 from genlab.evaluation.grids import save_png
-from genlab.evaluation.vocabulary import PROTOCOL, is_uncertainty
+from genlab.evaluation.vocabulary import CURVE, PROTOCOL, TRAINING_COST, is_uncertainty
 from genlab.io import atomic_folder, write_json_atomic
 from genlab.models import MODELS
-from genlab.paths import MODEL_FILE, RUN_FILE, run_name
+from genlab.paths import COMPUTE_CURVE_FILE, MODEL_FILE, RUN_FILE, TRAIN_COST_FILE, run_name
 from genlab.progress import scope
 from genlab.sync import push_after_stage
 from genlab.tracking import RunRecord, flatten, log_evaluation, resolve_stores
 
 
-def write_grids(grids: dict[str, np.ndarray], folder: Path) -> list[Path]:
-    """`folder`/<name>.png for every grid, replacing the folder whole: it is written next to the
-    old one and swapped in, so it never mixes grids of two evaluations."""
+def write_grids(
+    grids: dict[str, np.ndarray], folder: Path, curve: list[dict[str, float]]
+) -> list[Path]:
+    """`folder`/<name>.png for every grid and the training's compute curve, replacing the folder
+    whole: it is written next to the old one and swapped in, so it never mixes two
+    evaluations' files."""
     with atomic_folder(folder) as tmp:
         for name, grid in grids.items():
             save_png(grid, tmp / f"{name}.png")
-    return [folder / f"{name}.png" for name in grids]
+        (tmp / COMPUTE_CURVE_FILE).write_text(json.dumps(curve, indent=1))
+    return [folder / f"{name}.png" for name in grids] + [folder / COMPUTE_CURVE_FILE]
 
 
 def held_out_dataset(meta: Meta, split: str) -> tuple[str, str, dict]:
@@ -42,6 +47,17 @@ def held_out_dataset(meta: Meta, split: str) -> tuple[str, str, dict]:
     prepared data)."""
     profile = meta.profile() | {"split": split}
     return f"{meta.dataset} ({split} split)", meta.splits[split]["sha256"], profile
+
+
+def training_cost(model_dir: Path) -> tuple[dict[str, float], list[dict[str, float]]]:
+    """What the training cost (the `TRAINING_COST` keys of the train stage's train.json) and its
+    compute curve; ({}, []) for a model trained before genlab wrote them."""
+    path = model_dir / TRAIN_COST_FILE
+    if not path.is_file():
+        return {}, []
+    cost = json.loads(path.read_text())
+    curve = [{str(k): float(x) for k, x in point.items()} for point in cost.get(CURVE, [])]
+    return {key: float(cost[key]) for key in TRAINING_COST if key in cost}, curve
 
 
 def main(params: Params, family: str, seed: int) -> None:
@@ -66,9 +82,11 @@ def main(params: Params, family: str, seed: int) -> None:
         )
     if result is None:  # a rank that only sampled: rank 0 writes and logs
         return
-    figures = write_grids(result.grids, paths.family_figures(family, seed))
+    cost, curve = training_cost(model_dir)
+    metrics = result.metrics | cost
+    figures = write_grids(result.grids, paths.family_figures(family, seed), curve)
     metrics_file = paths.family_metrics(family, seed)
-    write_json_atomic(metrics_file, result.metrics | {PROTOCOL: result.protocol.as_dict()})
+    write_json_atomic(metrics_file, metrics | {PROTOCOL: result.protocol.as_dict()})
     protocol = {
         "evaluate": params.evaluate.model_dump(),
         "prediction": params.prediction.model_dump(),
@@ -80,7 +98,7 @@ def main(params: Params, family: str, seed: int) -> None:
     log_evaluation(
         record,
         stores,
-        result.metrics,
+        result.metrics,  # the training cost is in the run already
         step=step,
         protocol=flatten(protocol),
         artifacts=[*figures, metrics_file],
@@ -88,5 +106,5 @@ def main(params: Params, family: str, seed: int) -> None:
         confidence=params.evaluate.confidence,
     )
     push_after_stage(stores, [record.run_id])  # to the team server, if there is one
-    shown = {k: round(v, 4) for k, v in result.metrics.items() if not is_uncertainty(k)}
+    shown = {k: round(v, 4) for k, v in metrics.items() if not is_uncertainty(k)}
     print(f"evaluated {family} (seed {seed}): {shown}")

@@ -44,6 +44,21 @@ def _read_json(path: Path, stage: str) -> dict:
         raise GenlabError(f"{path} is not valid JSON: re-run `dvc repro {stage}`") from None
 
 
+def _read_curve(path: Path) -> list[dict[str, float]]:
+    """A family's compute curve (evaluate stage), [] where its evaluation predates them. A file
+    genlab wrote, read as data: only numbers are kept."""
+    if not path.is_file():
+        return []
+    points = json.loads(path.read_text())
+    if not isinstance(points, list):
+        raise GenlabError(f"{path}: not a compute curve; re-run `dvc repro` for that family")
+    return [
+        {str(k): float(x) for k, x in p.items() if isinstance(x, int | float)}
+        for p in points
+        if isinstance(p, dict)
+    ]
+
+
 def capabilities(params: Params, family: str) -> Capabilities:
     cls = MODELS[family]
     return Capabilities(
@@ -82,11 +97,17 @@ def main(params: Params) -> None:
     }
     grid_seed = params.seeds[0]
     grids = grid_panels(families, grid_seed)
+    curves = {
+        f: {s: _read_curve(paths.family_compute_curve(f, s)) for s in params.seeds}
+        for f in params.families
+    }
     figures = write_figures(
         families,
         baselines,
         ood_sets=params.prediction.ood_sets,
         grids=grids,
+        curves=curves,
+        dims=meta.dims,
         out_dir=paths.REPORT_FIGURES,
     )
     summary = summary_markdown(

@@ -1,0 +1,131 @@
+"""The `mnist` profile end to end on the real MNIST files: every family's training, evaluation and
+the report, timed, and the table of what they scored against the issue 19 targets.
+
+Copies the project into a temporary git repository (as benchmarks/pipeline.py does), applies
+profiles/mnist.yaml, copies the four official idx files from `--data` (default
+../shared/data/mnist, see its README) into the copy's data/raw/MNIST/raw/, runs `dvc repro` and
+prints, per family: test bits/dim (± standard error; `≤` for a bound), FID with its 95% interval
+next to the held-out real row's, conditional accuracy, training seconds and FLOPs.
+
+    uv run python benchmarks/mnist.py            # about 90 minutes on 2 CPU cores (the target)
+    uv run python benchmarks/mnist.py --keep     # leave the copy (reports/summary.md, mlflow.db)
+
+Targets (2 CPU cores): the whole profile in <= 90 minutes; every likelihood family <= 1.35
+bits/dim on test, the best <= 1.05; the best FID at most 3x the held-out real row's; conditional
+accuracy >= 0.95 for every conditional family; the memorisation checks clean (no family flagged).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from genlab import paths
+from genlab.evaluation import vocabulary as v
+from genlab.evaluation.baselines import HELDOUT
+from genlab.paths import PROFILES
+from pipeline import ROOT, make_copy, timed_repro
+
+FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+TARGET_S = 90 * 60
+BPD_EACH, BPD_BEST, FID_RATIO, COND_ACC = 1.35, 1.05, 3.0, 0.95
+
+
+def copy_mnist(source: Path, copy: Path) -> None:
+    raw = copy / "data" / "raw" / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for name in FILES:
+        if not (source / name).is_file():
+            sys.exit(f"mnist: {source / name} not found; pass --data with the four idx files")
+        shutil.copyfile(source / name, raw / name)
+
+
+def bits(metrics: dict[str, float]) -> tuple[str, float, float] | None:
+    """(key, bits/dim, its standard error) of the family's headline test likelihood."""
+    for key in (v.bpd_key("test", "exact"), v.bpd_key("test", "lower_bound")):
+        if key in metrics:
+            return key, metrics[key], metrics.get(v.se(key), math.nan)
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "mnist")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary copy")
+    args = parser.parse_args(argv)
+
+    copy = Path(tempfile.mkdtemp(prefix="genlab-mnist-"))
+    try:
+        params = make_copy(copy, False, None, ROOT / PROFILES / "mnist.yaml")
+        copy_mnist(args.data, copy)
+        print(f"dvc repro in {copy} (profile mnist, {len(params['families'])} families):")
+        total, _ = timed_repro(copy, [])
+        families = params["families"]
+        metrics = {f: json.loads((copy / paths.family_metrics(f, 0)).read_text()) for f in families}
+        baselines = json.loads((copy / paths.BASELINE_METRICS).read_text())
+        summary = (copy / paths.REPORT_SUMMARY).read_text()
+    finally:
+        if args.keep:
+            print(f"kept {copy}")
+        else:
+            shutil.rmtree(copy, ignore_errors=True)
+
+    heldout = baselines.get(HELDOUT, {}).get(v.FID, math.nan)
+    header = (
+        f"{'family':<10}{'test bits/dim':>18}{'FID [95% CI]':>26}{'cond acc':>10}"
+        f"{'train s':>9}{'train FLOPs':>13}"
+    )
+    print(header)
+    print("-" * len(header))
+    bpds, conds = {}, {}
+    for f, m in metrics.items():
+        b = bits(m)
+        bpd = "—" if b is None else f"{'≤ ' if 'bound' in b[0] else ''}{b[1]:.3f} ± {b[2]:.3f}"
+        if b is not None:
+            bpds[f] = b[1]
+        fid = f"{m[v.FID]:.2f} [{m[v.ci_low(v.FID)]:.2f}, {m[v.ci_high(v.FID)]:.2f}]"
+        cond = m.get(v.COND_ACC)
+        if cond is not None:
+            conds[f] = cond
+        print(
+            f"{f:<10}{bpd:>18}{fid:>26}{'—' if cond is None else f'{cond:.3f}':>10}"
+            f"{m.get(v.TRAIN_WALL_S, math.nan):>9.0f}{m.get(v.TRAIN_FLOPS, math.nan):>13.3g}"
+        )
+    print(f"{'held-out real':<10}{'':>18}{heldout:>26.2f}")
+    best_fid = min(m[v.FID] for m in metrics.values())
+    flagged = [f for f in families if "**copies**" in _verdict(summary, f)]
+    checks = {
+        f"whole profile {total:.0f} s <= {TARGET_S} s": total <= TARGET_S,
+        f"every likelihood family <= {BPD_EACH} bits/dim": all(
+            x <= BPD_EACH for x in bpds.values()
+        ),
+        f"best <= {BPD_BEST} bits/dim": bool(bpds) and min(bpds.values()) <= BPD_BEST,
+        f"best FID <= {FID_RATIO}x held-out real": best_fid <= FID_RATIO * heldout,
+        f"conditional accuracy >= {COND_ACC}": all(x >= COND_ACC for x in conds.values()),
+        "memorisation checks clean": not flagged,
+    }
+    for text, ok in checks.items():
+        print(f"mnist: {'met' if ok else 'NOT met'}: {text}")
+    return 0
+
+
+def _verdict(summary: str, family: str) -> str:
+    """The report's headline row of `family` (its memorisation verdict is the last cell)."""
+    for line in summary.splitlines():
+        if line.startswith(f"| {family} |"):
+            return line.rsplit("|", 2)[-2]
+    return ""
+
+
+if __name__ == "__main__":
+    sys.exit(main())
