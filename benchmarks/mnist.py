@@ -28,6 +28,7 @@ from pathlib import Path
 from genlab import paths
 from genlab.evaluation import vocabulary as v
 from genlab.evaluation.baselines import HELDOUT
+from genlab.evaluation.report import Row, copying
 from genlab.paths import PROFILES
 from pipeline import ROOT, make_copy, timed_repro
 
@@ -73,7 +74,6 @@ def main(argv: list[str] | None = None) -> int:
         families = params["families"]
         metrics = {f: json.loads((copy / paths.family_metrics(f, 0)).read_text()) for f in families}
         baselines = json.loads((copy / paths.BASELINE_METRICS).read_text())
-        summary = (copy / paths.REPORT_SUMMARY).read_text()
     finally:
         if args.keep:
             print(f"kept {copy}")
@@ -103,7 +103,14 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(f"{'held-out real':<10}{'':>18}{heldout:>26.2f}")
     best_fid = min(m[v.FID] for m in metrics.values())
-    flagged = [f for f in families if "**copies**" in _verdict(summary, f)]
+    confidence = params["evaluate"]["confidence"]
+    split = params["evaluate"]["split"]
+    yardstick = Row(HELDOUT, {0: baselines[HELDOUT]}, confidence, split)
+    flagged = [
+        f
+        for f, m in metrics.items()
+        if copying(Row(f, {0: m}, confidence, split), yardstick).copies
+    ]
     checks = {
         f"whole profile {total:.0f} s <= {TARGET_S} s": total <= TARGET_S,
         f"every likelihood family <= {BPD_EACH} bits/dim": all(
@@ -117,14 +124,6 @@ def main(argv: list[str] | None = None) -> int:
     for text, ok in checks.items():
         print(f"mnist: {'met' if ok else 'NOT met'}: {text}")
     return 0
-
-
-def _verdict(summary: str, family: str) -> str:
-    """The report's headline row of `family` (its memorisation verdict is the last cell)."""
-    for line in summary.splitlines():
-        if line.startswith(f"| {family} |"):
-            return line.rsplit("|", 2)[-2]
-    return ""
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ log seconds per image against log pixels (C·H·W) over the sizes measured.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import resource
 import sys
@@ -32,6 +33,7 @@ import yaml
 
 from families import in_child
 from genlab.config import DatasetParams, Params, parse_params
+from genlab.evaluation import vocabulary as v
 from genlab.paths import PROFILES
 from genlab.profiles import overlay
 from overhead import TrainBatchTimer, throughput
@@ -96,7 +98,7 @@ def measure(params: Params, family: str, data: Path, work: Path, n: int) -> dict
         checkpoint_root=work / "checkpoints",
         callbacks=[timer],
     )
-    cost = yaml.safe_load((work / "model" / TRAIN_COST_FILE).read_text())
+    cost = json.loads((work / "model" / TRAIN_COST_FILE).read_text())
     model = (
         MODELS[family]
         .load_from_checkpoint(result.checkpoint, map_location="cpu", weights_only=True)
@@ -109,7 +111,7 @@ def measure(params: Params, family: str, data: Path, work: Path, n: int) -> dict
     sample_s = time.perf_counter() - start
     return {
         "train_img_s": throughput(timer.epochs),
-        "train_flops_img": cost["train/flops"] / (cost["train/steps"] * BATCH),
+        "train_flops_img": cost[v.TRAIN_FLOPS] / (cost[v.TRAIN_STEPS] * BATCH),
         "sample_img_s": n / sample_s,
         "sample_flops_img": sampling_flops(model, min(n, 4)),
         "peak_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - resident) / 2**20,

@@ -15,6 +15,7 @@ from PIL import Image
 from formats import accept_cifar_in_subprocesses, write_cifar, write_idx_dataset
 from genlab import paths
 from genlab.config import load_params
+from genlab.evaluation import vocabulary as v
 from test_pipeline import copy_project, run
 
 FAMILIES = ["pixelcnn", "flow", "vae", "diffusion", "ebm", "gan"]
@@ -31,7 +32,7 @@ def _tiny_variant(root: Path, profile: str, override: dict, env: dict | None = N
     run(["dvc", "repro"], root, env)
     for family in params.families:
         metrics = json.loads((root / paths.family_metrics(family, 0)).read_text())
-        assert metrics["eval/fid"] >= 0, family
+        assert metrics[v.FID] >= 0, family
     summary = (root / paths.REPORT_SUMMARY).read_text()
     assert "## Compute" in summary and all(f in summary for f in params.families)
     return root

@@ -28,6 +28,8 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 
+from genlab.compute import batch_size_of
+
 EVERY_S = 30.0  # at most one line this often
 T = TypeVar("T")
 # What the current command is doing ("evaluate vae (seed 0)"): the start of every loop's line.
@@ -140,8 +142,7 @@ class ProgressLine(Callback):
     ) -> None:
         # Batches, not global_step: a GAN's global_step counts both optimisers' steps.
         self._batch = trainer.current_epoch * trainer.num_training_batches + i + 1
-        x = batch[0] if isinstance(batch, list | tuple) else batch
-        self._images += int(getattr(x, "shape", [0])[0]) * trainer.world_size
+        self._images += batch_size_of(batch) * trainer.world_size
         if time.monotonic() - self._last >= EVERY_S:
             self._write(trainer)
 
