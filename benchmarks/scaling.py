@@ -113,7 +113,7 @@ def measure(params: Params, family: str, data: Path, work: Path, n: int) -> dict
         "train_img_s": throughput(timer.epochs),
         "train_flops_img": cost[v.TRAIN_FLOPS] / (cost[v.TRAIN_STEPS] * BATCH),
         "sample_img_s": n / sample_s,
-        "sample_flops_img": sampling_flops(model, min(n, 4)),
+        "sample_flops_img": sampling_flops(model, batch_size=n),
         "peak_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - resident) / 2**20,
     }
 

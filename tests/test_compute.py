@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from genlab.compute import ComputeBudget, sampling_flops
+from genlab.compute import ComputeBudget, count_sample_flops, sampling_flops
 from genlab.config import parse_params
 from genlab.evaluation import vocabulary as v
 from genlab.models import MODELS
@@ -167,15 +167,20 @@ def test_a_step_budget_is_a_finished_training_with_its_cost_recorded(
     assert len(history) >= 2  # once an epoch, and at the end: flops against steps
 
 
-def test_sampling_flops_count_one_image_and_every_network_pass(tiny: dict) -> None:
-    """Per image whatever the batch; a diffusion sample costs one network pass per DDIM step, so
-    twice the steps cost twice the FLOPs."""
+@pytest.mark.parametrize("family", sorted(MODELS))
+def test_sampling_flops_from_two_small_counts_equal_a_whole_batchs(family: str, tiny: dict) -> None:
+    """Counted at 1 and 2 images, the FLOPs per image at a batch of 8 are those of a batch of 8
+    counted whole, for every family (a flow's per-call part included)."""
+    torch.manual_seed(0)
+    model = MODELS[family](image_shape=(1, 8, 8), levels=17, num_classes=10, **tiny[family])
+    assert sampling_flops(model, 8) == pytest.approx(count_sample_flops(model, 8) / 8)
 
+
+def test_a_diffusion_sample_costs_one_network_pass_per_ddim_step(tiny: dict) -> None:
     def diffusion(steps: int):
         torch.manual_seed(0)
         kw = tiny["diffusion"] | {"sample_steps": steps}
         return MODELS["diffusion"](image_shape=(1, 8, 8), levels=17, num_classes=10, **kw)
 
     five = sampling_flops(diffusion(5), 4)
-    assert five > 0 and sampling_flops(diffusion(5), 8) == pytest.approx(five)
-    assert sampling_flops(diffusion(10), 4) == pytest.approx(2 * five)
+    assert five > 0 and sampling_flops(diffusion(10), 4) == pytest.approx(2 * five)

@@ -262,10 +262,8 @@ def evaluate_model(
     total = measured_under.num_samples * measured_under.sample_seeds
     metrics[v.SAMPLES_PER_S] = total / generated.seconds
     metrics[v.NFE_PER_SAMPLE] = model.nfe_per_sample
-    # Two samples more, under torch's FLOP counter (FLOPs are linear in the batch; a PixelCNN
-    # sample on MNIST is 784 passes, so the count is kept to the fewest images that show it).
-    with phases("sample_flops", device):
-        metrics[v.SAMPLE_FLOPS] = sampling_flops(model, 2)
+    with phases("sample_flops", device):  # three images more, under torch's FLOP counter
+        metrics[v.SAMPLE_FLOPS] = sampling_flops(model, batch_size=protocol.batch_size)
     first = generated.sets[0]
     n_grid = min(64, len(first))
     nrow = model.num_classes if model.conditional else 8
