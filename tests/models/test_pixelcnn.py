@@ -235,6 +235,43 @@ def test_conditional_samples_are_seeded_and_depend_on_the_label() -> None:
     assert not torch.equal(s, other)
 
 
+@pytest.mark.parametrize("channels", [1, 3], ids=["C=1", "C=3"])
+@pytest.mark.parametrize("conditional", [False, True], ids=["unconditional", "conditional"])
+def test_row_windows_give_the_whole_images_logits_at_every_pixel(
+    channels: int, conditional: bool
+) -> None:
+    """The sampler's per-pixel logits (the vertical stack once per row, the horizontal stack on a
+    window of the row) equal `forward`'s on the whole image. Two layers reach 2 rows up and 2
+    columns left, so on 8 x 9 images the windows cut rows and columns off."""
+    shape = (channels, 8, 9)
+    model = randomise(make(shape, conditional=conditional), std=0.3)
+    assert model.net.reach < 8
+    x, y = images(3, shape)
+    labels = y if conditional else None
+    whole = model.logits(x, labels)  # (B, L, C, H, W)
+    scaled = model._scale(x)
+    for row in range(shape[1]):
+        links = model.net.links(scaled, labels, row)
+        for col in range(shape[2]):
+            got = model.net.row_logits(scaled, links, labels, row, col)  # (B, L, C)
+            torch.testing.assert_close(got, whole[..., row, col], atol=1e-5, rtol=1e-5)
+
+
+def test_samples_are_the_ancestral_draws_of_the_whole_images_logits() -> None:
+    """Drawn from the same generator, the row-window sampler gives the images that drawing each
+    pixel from `forward`'s logits on the partial image gives."""
+    shape = (3, 5, 6)
+    model = randomise(make(shape, conditional=True), std=0.3)
+    y = torch.tensor([2, 7, 7, 0])
+    got = model.sample(4, y, generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    x = torch.zeros(4, *shape, dtype=torch.long)
+    for row, col, ch in itertools.product(range(shape[1]), range(shape[2]), range(shape[0])):
+        logits = model.logits(x, y)[:, :, ch, row, col]
+        x[:, ch, row, col] = model.sample_categorical(logits, g)
+    assert torch.equal(got, x.to(torch.uint8))
+
+
 def test_sampling_in_chunks_keeps_each_label_with_its_image(monkeypatch) -> None:
     """Seven images in chunks of three: each chunk is sampled with its own labels, from the
     generator where the previous chunk left it."""
