@@ -180,6 +180,12 @@ class EvaluateParams(Strict):
     kid_subsets: Annotated[int, Field(ge=1, le=10_000)] = 100
     prc_neighborhood: PositiveInt = 3
     isc_splits: PositiveInt = 10
+    # Images of the held-out and validation splits that the per-image passes score (likelihood
+    # and its training-image gap, classification, OOD detection, each OOD set made from them): a
+    # seeded draw, the same for every family; null: the whole splits. The passes cost a network
+    # evaluation per image, draw and class (a conditional diffusion scores 50 terms per image): a
+    # full-size split on a CPU needs a bound, and the standard errors say what it costs.
+    scored_images: Annotated[int, Field(ge=2)] | None = None
     # The feature space of FID/KID/precision-recall/IS: `evaluator`, the dataset's own classifier
     # (models/evaluator.pt), or `inception`, torch-fidelity's Inception-v3 (`inception-v3-compat`,
     # images upscaled to 299x299): the standard FID that published numbers use.

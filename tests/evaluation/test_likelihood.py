@@ -13,6 +13,7 @@ from genlab.evaluation.likelihood import (
     heldout_nll,
     likelihood_metrics,
     per_image_nll,
+    subset,
     train_subset,
 )
 from genlab.models import MODELS
@@ -217,6 +218,14 @@ def test_train_subset_is_a_seeded_draw_without_replacement() -> None:
     assert sorted(map(tuple, every.x.flatten(1).tolist())) == sorted(
         map(tuple, train.x.flatten(1).tolist())
     )
+
+
+def test_a_scored_subset_is_the_whole_split_unless_bounded() -> None:
+    split = random_split(20, (1, 8, 8), 17, 2)
+    assert subset(split, None, 0) is split and subset(split, 20, 0) is split
+    part = subset(split, 7, 1)
+    assert len(part) == 7 and torch.equal(part.x, train_subset(split, 7, 1).x)
+    assert len({tuple(x.flatten().tolist()) for x in part.x}) == 7  # no image twice
 
 
 def test_heldout_nll_of_the_vae_is_seeded(tiny_vae_kwargs: dict) -> None:

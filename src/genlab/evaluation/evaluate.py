@@ -20,7 +20,7 @@ from genlab.distributed import ONE_PROCESS, Shard
 from genlab.evaluation import vocabulary as v
 from genlab.evaluation.grids import image_grid
 from genlab.evaluation.intervals import mean_and_se, wilson
-from genlab.evaluation.likelihood import likelihood_metrics
+from genlab.evaluation.likelihood import likelihood_metrics, subset
 from genlab.evaluation.ood import calibrate, ood_metrics, ood_sets
 from genlab.evaluation.predict import accuracy, log_prior, score_images, scorer
 from genlab.evaluation.protocol import Protocol, load_reference, measurement
@@ -271,13 +271,18 @@ def evaluate_model(
     if generated.labels is not None:
         grids["classes"] = class_grid(first, generated.labels, meta.levels)
 
+    # The per-image passes score at most `scored_images` of each split (a seeded draw).
+    n_scored, seed = protocol.scored_images, protocol.seed
+    scored = splits | {name: subset(splits[name], n_scored, seed) for name in ("val", heldout)}
+    if model.likelihood != "none" or scorer(model) is not None:
+        metrics[v.SCORED_IMAGES] = float(len(scored[heldout]))
     if model.likelihood != "none":
         # The held-out split, and as many training images for the gap; the validation curve
         # is already in the run, measured during training.
         with phases("likelihood", device):
             metrics |= likelihood_metrics(
                 model,
-                splits[heldout],
+                scored[heldout],
                 split=heldout,
                 train=splits["train"],
                 batch_size=protocol.batch_size,
@@ -286,7 +291,11 @@ def evaluate_model(
     if scorer(model) is not None:
         with phases("prediction", device):
             metrics |= prediction_metrics(
-                model, splits, heldout=heldout, params=prediction, protocol=protocol
+                model,
+                scored,
+                heldout=heldout,
+                params=prediction,
+                protocol=protocol,
             )
     if model.has_latent:
         with phases("representation", device):

@@ -55,6 +55,12 @@ def heldout_nll(
     return HeldOutNLL(nats=mean, se=error, bpd=float(bits_per_dim(mean, model.dims)), n=len(nats))
 
 
+def subset(split: Split, n: int | None, seed: int) -> Split:
+    """n images of the split drawn without replacement (seeded); the whole split, in its order,
+    when n is None or not smaller."""
+    return split if n is None or n >= len(split) else train_subset(split, n, seed)
+
+
 def train_subset(train: Split, n: int, seed: int) -> Split:
     """n training images drawn without replacement (seeded): the training side of the gap,
     as many images as the held-out side, scored by the same estimator."""

@@ -394,13 +394,15 @@ def _likelihood_table(families: list[Row], dims: int) -> list[str]:
         "bits/dim ↓",
         "−log p(x | y) nats ↓",
         "held-out − train gap, nats",
+        "images",
     ]
     body = []
     for r in families:
         reason = r.reason("likelihood")
         if reason is not None:
-            body.append([r.name, r.capabilities.likelihood, f"n/a: {reason}", "", "", ""])
+            body.append([r.name, r.capabilities.likelihood, f"n/a: {reason}", "", "", "", ""])
             continue
+        scored = r.estimate(v.SCORED_IMAGES).value
         c = r.capabilities
         bound = c.likelihood == "lower_bound"
         key = r.likelihood_key()
@@ -420,6 +422,7 @@ def _likelihood_table(families: list[Row], dims: int) -> list[str]:
                 fmt(bpd, 3, bound=bound),
                 given,
                 fmt(r.estimate(v.NLL_GAP), 2),
+                f"{scored:.0f}" if math.isfinite(scored) else "—",
             ]
         )
     return _table(header, body)
@@ -629,7 +632,8 @@ def summary_markdown(
         "unconditional families; where the bound's Monte Carlo draws are terms of one bound "
         "(diffusion) that marginal is an *estimate* (biased low), not a bound. The gap is "
         "held-out NLL minus the NLL of as many training images (> 0: the model prefers its "
-        "training images).",
+        "training images); *images*: the held-out images scored (`evaluate.scored_images` "
+        "bounds them), the n behind every interval here, in OOD detection and in classification.",
         "",
         *_likelihood_table(families, dims),
         "",

@@ -53,6 +53,9 @@ CLASS_FID_MEAN = "eval/class_fid_mean"
 SAMPLES_PER_S = "eval/samples_per_s"
 NFE_PER_SAMPLE = "eval/nfe_per_sample"
 SAMPLE_SETS = "eval/sample_sets"  # how many independent sample sets the metrics average
+# Held-out images the per-image passes scored (likelihood, classification, OOD detection): the
+# n behind their standard errors, all of the split unless evaluate.scored_images bounds it.
+SCORED_IMAGES = "eval/scored_images"
 
 
 def class_fid(k: int) -> str:
