@@ -9,15 +9,24 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 from mlflow.tracking import MlflowClient
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from genlab.compute import ComputeBudget, count_sample_flops, sampling_flops
+from genlab.compute import (
+    ComputeBudget,
+    CurveSamples,
+    count_sample_flops,
+    draw,
+    load_curve_sets,
+    sampling_flops,
+)
 from genlab.config import parse_params
+from genlab.errors import DataError
 from genlab.evaluation import vocabulary as v
 from genlab.models import MODELS
-from genlab.paths import TRAIN_COST_FILE
+from genlab.paths import CURVE_SAMPLES_FILE, TRAIN_COST_FILE
 from genlab.training import train_family
 
 
@@ -39,13 +48,14 @@ class TwoLayers(L.LightningModule):
 def _fit(
     module: L.LightningModule,
     loader: DataLoader,
-    budget: ComputeBudget,
+    budget: ComputeBudget | list[Callback],
     root: Path,
     *,
     max_epochs: int = 100,
     ckpt_path: Path | None = None,
 ) -> L.Trainer:
-    """A real Trainer on the CPU with `budget` as its one callback (resumed from `ckpt_path`)."""
+    """A real Trainer on the CPU with `budget` as its one callback, or with a list of them
+    (resumed from `ckpt_path`)."""
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
@@ -54,7 +64,7 @@ def _fit(
         enable_model_summary=False,
         enable_checkpointing=False,
         default_root_dir=root,
-        callbacks=[budget],
+        callbacks=budget if isinstance(budget, list) else [budget],
         max_epochs=max_epochs,
     )
     trainer.fit(module, loader, ckpt_path=ckpt_path)
@@ -137,7 +147,7 @@ def test_a_step_budget_is_a_finished_training_with_its_cost_recorded(
     params = parse_params(
         {
             "families": ["vae"],
-            "trainer": {"sample_every_n_epochs": 1000},
+            "trainer": {"sample_every_n_epochs": 1000, "curve_samples": 32},
             "models": {
                 "vae": tiny_vae_kwargs | {"max_epochs": 5, "max_steps": 6, "batch_size": 250}
             },
@@ -161,10 +171,86 @@ def test_a_step_budget_is_a_finished_training_with_its_cost_recorded(
     assert curve[0]["flops"] < curve[1]["flops"] == cost[v.TRAIN_FLOPS]
     assert all(p[v.nll_key("val", "lower_bound")] > 0 for p in curve)
     assert cost[v.TRAIN_STEPS] == 6 and cost[v.TRAIN_FLOPS] > 0 and cost[v.TRAIN_WALL_S] > 0
+    # Sample sets for the cheap FID: at the first epoch's end (2/3 of the step budget, past
+    # 1/16 .. 1/2) and at the budget, at the same steps and FLOPs as the curve's points.
+    sets = load_curve_sets(tmp_path / "model" / CURVE_SAMPLES_FILE, (1, 8, 8), 17)
+    assert [(s.steps, s.flops) for s in sets] == [(p["steps"], p["flops"]) for p in curve]
+    assert all(s.images.shape == (32, 1, 8, 8) and s.labels is None for s in sets)
     run = MlflowClient(store).get_run(result.run.run_id)
     assert run.data.metrics[v.TRAIN_FLOPS] == pytest.approx(cost[v.TRAIN_FLOPS])
     history = MlflowClient(store).get_metric_history(result.run.run_id, v.TRAIN_FLOPS)
     assert len(history) >= 2  # once an epoch, and at the end: flops against steps
+
+
+class StopAfter(Callback):
+    """Stops a fit after `epochs` epochs (as early stopping would)."""
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch + 1 >= self.epochs:
+            trainer.should_stop = True
+
+
+def test_curve_samples_are_drawn_at_the_shares_of_the_training_and_kept_over_a_resume(
+    tiny: dict, tmp_path: Path
+) -> None:
+    """A GAN of one step an epoch over 16 epochs, stopped after 5 and resumed: sets at 1/16, 1/8
+    and 1/4 of it, where the first fit stopped (step 5), then at 1/2 and the end; each with the
+    FLOPs spent by then, the same seeded draws of the weights of that moment."""
+    x, y = _images("gan", 8)
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)  # one step an epoch
+    torch.manual_seed(0)
+    model = MODELS["gan"](image_shape=(1, 8, 8), levels=17, num_classes=10, **tiny["gan"])
+    budget = ComputeBudget()
+    curve = CurveSamples(16, 3, budget, max_epochs=16)
+    trainer = _fit(model, loader, [budget, curve, StopAfter(5)], tmp_path, max_epochs=16)
+    assert [s["steps"] for s in curve.sets] == [1, 2, 4, 5]
+    assert torch.equal(curve.sets[-1]["images"], draw(model, 16, 3)[0])  # drawn at the stop
+    path = tmp_path / "stopped.ckpt"
+    trainer.save_checkpoint(path)
+
+    budget = ComputeBudget()
+    resumed = CurveSamples(16, 3, budget, max_epochs=16)
+    _fit(model, loader, [budget, resumed], tmp_path, max_epochs=16, ckpt_path=path)
+    assert [s["steps"] for s in resumed.sets] == [1, 2, 4, 5, 8, 16]
+    kept = zip(curve.sets, resumed.sets[:4], strict=True)
+    assert all(torch.equal(a["images"], b["images"]) for a, b in kept)
+    (per_step,) = budget.per_batch.values()
+    flops = [s["steps"] * per_step for s in resumed.sets]
+    assert [s["flops"] for s in resumed.sets] == pytest.approx(flops, rel=1e-12)
+    assert torch.equal(resumed.sets[-1]["images"], draw(model, 16, 3)[0])
+
+    resumed.save(tmp_path / CURVE_SAMPLES_FILE)
+    loaded = load_curve_sets(tmp_path / CURVE_SAMPLES_FILE, (1, 8, 8), 17)
+    assert [(s.steps, s.flops) for s in loaded] == [(s["steps"], s["flops"]) for s in resumed.sets]
+    assert torch.equal(loaded[3].images, curve.sets[3]["images"])
+    # A conditional model's sets cycle through the classes.
+    assert torch.equal(loaded[0].labels, torch.arange(16) % 10)
+
+
+def test_a_curve_samples_file_is_checked_before_it_is_used(tmp_path: Path) -> None:
+    path = tmp_path / CURVE_SAMPLES_FILE
+    assert load_curve_sets(path, (1, 8, 8), 17) == []  # none: a model trained without them
+    images = torch.zeros(4, 1, 8, 8, dtype=torch.uint8)
+    good = {"steps": 1, "flops": 2.0, "images": images, "labels": None}
+    for bad in (
+        {"sets": [good | {"images": images[:, :, :4]}]},  # another image size
+        {"sets": [good | {"images": images + 17}]},  # levels the data does not have
+        {"sets": [good | {"images": images.float()}]},
+        {"sets": [good | {"labels": torch.zeros(3, dtype=torch.int64)}]},
+        {"sets": [{"steps": 1}]},
+        [1, 2],
+    ):
+        torch.save(bad, path)
+        with pytest.raises(DataError, match="re-run training"):
+            load_curve_sets(path, (1, 8, 8), 17)
+    path.write_bytes(b"not a torch file")
+    with pytest.raises(DataError, match="not a curve-samples file"):
+        load_curve_sets(path, (1, 8, 8), 17)
+    torch.save({"sets": [good]}, path)
+    assert load_curve_sets(path, (1, 8, 8), 17)[0].steps == 1
 
 
 @pytest.mark.parametrize("family", sorted(MODELS))

@@ -279,6 +279,10 @@ def test_repro_then_experiment_lands_in_one_store(repo_copy: Path) -> None:
         assert (v.probe_acc("test") in metrics) == cls.has_latent, family
         assert (v.CLASS_FID_MEAN in metrics) == conditional, family
         assert (v.NLL_GAP in metrics) == (cls.likelihood != "none"), family
+        # Sample quality against compute: the training's sample sets, each with its cheap FID.
+        curve = json.loads((root / paths.family_compute_curve(family, 0)).read_text())
+        fids = [p for p in curve if v.CURVE_FID in p]
+        assert fids and all(p[v.CURVE_FID] >= 0 and p["flops"] > 0 for p in fids), family
         grids = {p.name for p in (root / paths.family_figures(family, 0)).iterdir()}
         assert {"samples.png"} <= grids
         assert ("classes.png" in grids) == conditional, family

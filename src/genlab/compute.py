@@ -14,6 +14,11 @@ Langevin chains and samplers, no data-dependent control flow).
 
 from __future__ import annotations
 
+import math
+import pickle
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -21,7 +26,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.flop_counter import FlopCounterMode
 
+from genlab.errors import DataError
 from genlab.evaluation.vocabulary import TRAIN_FLOPS, TRAIN_STEPS
+from genlab.io import save_torch_atomic
 
 
 class _GlobalOnly:
@@ -161,10 +168,16 @@ class ComputeBudget(Callback):
         ]
 
 
+def class_cycle(model: Any, n: int) -> torch.Tensor | None:
+    """Labels for n samples of a conditional model: the classes in turn (a grid num_classes
+    wide then has a row per class); None for an unconditional one."""
+    return torch.arange(n) % model.num_classes if model.conditional else None
+
+
 @torch.no_grad()
 def count_sample_flops(model: Any, n: int, *, seed: int = 0) -> float:
     """FLOPs of one `model.sample(n)` call."""
-    y = torch.arange(n) % model.num_classes if model.conditional else None
+    y = class_cycle(model, n)
     generator = torch.Generator().manual_seed(seed)
     model.eval()
     with flop_counter() as counter:
@@ -183,3 +196,136 @@ def sampling_flops(model: Any, batch_size: int) -> float:
     one, two = count_sample_flops(model, 1), count_sample_flops(model, 2)
     per_image = two - one
     return per_image + (one - per_image) / batch_size
+
+
+# ---------------------------------------------------------------- sample quality against compute
+
+# The shares of the training at which CurveSamples draws a set (and once more where it ends): a
+# doubling grid, so that a log-FLOPs axis gets evenly spaced points, and few of them (each costs
+# `trainer.curve_samples` samples: a PixelCNN at 28 px draws about 45 images/s on 2 cores).
+CURVE_FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)
+MAX_CURVE_SETS = 64  # what a curve-samples file may hold: more than any training draws
+MAX_CURVE_SAMPLES = 4096  # images per set (trainer.curve_samples' bound)
+
+
+@torch.no_grad()
+def draw(model: Any, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """n samples in eval mode from a seeded generator (the labels cycle through the classes for
+    a conditional model), the model put back into the mode it was in; uint8 levels on the CPU
+    and the labels."""
+    y = class_cycle(model, n)
+    was_training = model.training
+    model.eval()
+    try:
+        x = model.sample(n, y, generator=torch.Generator().manual_seed(seed))
+    finally:
+        model.train(was_training)
+    return x.cpu(), y
+
+
+class CurveSamples(Callback):
+    """Draws `n` images, with the same seed each time, when the training passes each share of
+    `CURVE_FRACTIONS` and where it ends, each with the steps and FLOPs spent so far (from
+    `budget`): the evaluate stage scores each set by a cheap FID against the validation split,
+    sample quality along the compute curve for every family, those without a likelihood too.
+
+    A share is of `max_epochs`, or of the step or FLOP budget where that ends the training
+    sooner. Drawn on rank 0 between epochs (after the epoch's validation, before its
+    checkpoints), from the training weights of that moment (a family's `sample` uses its EMA
+    weights where it keeps them); the sets go into the checkpoints, so a resumed fit keeps them.
+    """
+
+    def __init__(self, n: int, seed: int, budget: ComputeBudget, max_epochs: int) -> None:
+        self.n = n
+        self.seed = seed
+        self.budget = budget
+        self.max_epochs = max_epochs
+        self.sets: list[dict[str, Any]] = []  # {"steps", "flops", "images", "labels"}
+        self.passed = 0  # how many of CURVE_FRACTIONS have been drawn at
+
+    def fraction(self, epochs_done: int) -> float:
+        budget = self.budget
+        shares = [epochs_done / self.max_epochs]
+        if budget.max_steps is not None:
+            shares.append(budget.steps / budget.max_steps)
+        if budget.max_flops is not None:
+            shares.append(budget.flops / budget.max_flops)
+        return max(shares)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        share = self.fraction(trainer.current_epoch + 1)
+        crossed = sum(f <= share for f in CURVE_FRACTIONS)
+        if crossed > self.passed:
+            self.passed = crossed
+            self._draw(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Stopped early (or resumed past its end): the last point is where the training ended.
+        self._draw(trainer, pl_module)
+
+    def _draw(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.n == 0 or (self.sets and self.sets[-1]["steps"] == self.budget.steps):
+            return
+        if trainer.is_global_zero:
+            images, labels = draw(pl_module, self.n, self.seed)
+            point = {"steps": self.budget.steps, "flops": self.budget.flops}
+            self.sets.append(point | {"images": images, "labels": labels})
+
+    def state_dict(self) -> dict[str, Any]:
+        # Tensors and plain values only: checkpoints load with weights_only=True.
+        return {"sets": [dict(s) for s in self.sets], "passed": self.passed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.sets = [dict(s) for s in state_dict["sets"]]
+        self.passed = int(state_dict["passed"])
+
+    def save(self, path: str | Path) -> None:
+        """The sets as one file (`load_curve_sets` reads it back)."""
+        save_torch_atomic({"sets": self.sets}, path)
+
+
+@dataclass(frozen=True)
+class CurveSet:
+    steps: int
+    flops: float
+    images: torch.Tensor  # uint8 (n, C, H, W)
+    labels: torch.Tensor | None  # int64 (n,), conditional models
+
+
+def load_curve_sets(path: str | Path, shape: Sequence[int], levels: int) -> list[CurveSet]:
+    """The sets of a curve-samples file, checked against the data's image shape and levels: a
+    file from outside may hold anything, so its size is bounded before it is read and every
+    set is checked before it is used. [] where there is no file (a model trained before genlab
+    drew them, or with `trainer.curve_samples: 0`)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    pixels = math.prod(shape)
+    most = MAX_CURVE_SETS * MAX_CURVE_SAMPLES * (pixels + 8) + 2**20  # images, labels, framing
+    if path.stat().st_size > most:
+        raise DataError(f"{path}: {path.stat().st_size} bytes, more than {most}; re-run training")
+    try:
+        sets = torch.load(path, map_location="cpu", weights_only=True)["sets"]
+        out = [
+            CurveSet(int(s["steps"]), float(s["flops"]), s["images"], s.get("labels")) for s in sets
+        ]
+    except (KeyError, TypeError, ValueError, RuntimeError, pickle.UnpicklingError) as e:
+        raise DataError(f"{path}: not a curve-samples file ({e}); re-run training") from None
+    for s in out:
+        x, y = s.images, s.labels
+        if not (
+            isinstance(x, torch.Tensor)
+            and x.dtype == torch.uint8
+            and x.ndim == 4
+            and tuple(x.shape[1:]) == tuple(shape)
+            and 2 <= len(x) <= MAX_CURVE_SAMPLES
+            and int(x.max()) < levels
+            and (y is None or (isinstance(y, torch.Tensor) and y.shape == (len(x),)))
+        ):
+            raise DataError(
+                f"{path}: a set that is not {tuple(shape)} images of {levels} levels; "
+                "re-run training"
+            )
+    if len(out) > MAX_CURVE_SETS:
+        raise DataError(f"{path}: {len(out)} sets, more than {MAX_CURVE_SETS}; re-run training")
+    return out

@@ -120,6 +120,12 @@ class TrainerParams(Strict):
     # backward and optimiser steps, all processes), within its max_epochs and max_steps: the
     # families compared at equal training compute. null: no FLOP budget.
     budget_flops: Annotated[float, Field(gt=0, le=1e30)] | None = None
+    # Images drawn at 1/16, 1/8, 1/4, 1/2 and the whole of each training (genlab.compute
+    # .CurveSamples: the same seeded draws each time); the evaluate stage scores each set by its
+    # FID against the validation split: sample quality against training compute, for every
+    # family. A cheap FID, biased upwards at this n: compare it along the curve and between
+    # families (the same n), not with eval/fid. 0: none.
+    curve_samples: Literal[0] | Annotated[int, Field(ge=16, le=4096)] = 256
 
     @property
     def multi_process(self) -> bool:

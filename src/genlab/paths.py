@@ -29,6 +29,7 @@ PROFILES = Path("profiles")
 MODEL_FILE = "model.ckpt"
 RUN_FILE = "run.json"
 TRAIN_COST_FILE = "train.json"  # the training's FLOPs, steps, wall time and parameters
+CURVE_SAMPLES_FILE = "curve_samples.pt"  # sample sets drawn along the training (its compute)
 COMPUTE_CURVE_FILE = "compute_curve.json"  # in the evaluate stage's figures folder
 
 

@@ -28,7 +28,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from mlflow.exceptions import MlflowException
 
-from genlab.compute import ComputeBudget
+from genlab.compute import ComputeBudget, CurveSamples, draw
 from genlab.config import Params, TrainerParams, config_hash
 from genlab.data.datamodule import PreparedDataModule, derived_seed
 from genlab.data.prepared import read_meta
@@ -37,7 +37,7 @@ from genlab.evaluation.grids import image_grid
 from genlab.evaluation.vocabulary import CURVE, NUM_PARAMS, TRAIN_WALL_S, nll_key
 from genlab.io import copy_file_atomic, write_json_atomic
 from genlab.models import MODELS, GenerativeModule
-from genlab.paths import MODEL_FILE, RUN_FILE, TRAIN_COST_FILE, run_name
+from genlab.paths import CURVE_SAMPLES_FILE, MODEL_FILE, RUN_FILE, TRAIN_COST_FILE, run_name
 from genlab.progress import ProgressLine, wants_bar
 from genlab.sync import push_after_stage
 from genlab.tracking import (
@@ -93,11 +93,6 @@ def without_misleading_warnings() -> Iterator[None]:
         for message in MISLEADING_WARNINGS:
             warnings.filterwarnings("ignore", message=message)
         yield
-
-
-def grid_labels(model: GenerativeModule, n: int) -> torch.Tensor | None:
-    """Labels for a sample grid: classes in turn (a row per class on a num_classes-wide grid)."""
-    return torch.arange(n) % model.num_classes if model.conditional else None
 
 
 class StepSeeds(Callback):
@@ -299,13 +294,7 @@ class SampleGridCallback(Callback):
 
     @rank_zero_only
     def _log(self, trainer: L.Trainer, model: GenerativeModule, epoch: int) -> None:
-        generator = torch.Generator().manual_seed(self.seed)
-        was_training = model.training
-        model.eval()
-        try:
-            samples = model.sample(self.n, grid_labels(model, self.n), generator=generator)
-        finally:
-            model.train(was_training)
+        samples, _ = draw(model, self.n, self.seed)
         nrow = model.num_classes if model.conditional else int(self.n**0.5) or 1
         grid = image_grid(samples, model.levels, nrow=nrow)
         for logger in trainer.loggers:
@@ -511,10 +500,11 @@ def train_family(
     own, best = _callbacks(params, family, seed, model, ckpt_dir)
     monitor = nll_key("val", model.likelihood) if model.likelihood != "none" else None
     budget = ComputeBudget(max_steps=fp.max_steps, max_flops=tp.budget_flops, monitor=monitor)
+    curve = CurveSamples(tp.curve_samples, seed, budget, fp.max_epochs)
     bar = wants_bar()  # a terminal: Lightning's bar; a log (DVC, CI): a line every 30 s
     what = f"train {run_name(family, seed)}"
     progress = [] if bar else [ProgressLine(what, max_steps=fp.max_steps)]
-    callbacks = [*callbacks, budget, *own, *progress]
+    callbacks = [*callbacks, budget, curve, *own, *progress]
     trainer = L.Trainer(
         max_epochs=fp.max_epochs,
         accelerator=tp.accelerator,
@@ -586,6 +576,10 @@ def train_family(
     cost = budget.metrics() | {TRAIN_WALL_S: wall_s, NUM_PARAMS: num_params}
     if trainer.is_global_zero:  # what the evaluate stage puts next to the family's metrics
         write_json_atomic(out_dir / TRAIN_COST_FILE, cost | {CURVE: budget.curve})
+        if curve.sets:
+            curve.save(out_dir / CURVE_SAMPLES_FILE)
+        else:  # none drawn (curve_samples: 0): no earlier training's sets beside this model
+            (out_dir / CURVE_SAMPLES_FILE).unlink(missing_ok=True)
     if record is not None:
         logger = loggers[0]
         logger.experiment.log_artifact(record.run_id, str(final), "checkpoint")

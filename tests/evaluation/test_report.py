@@ -297,9 +297,10 @@ def test_every_figure_is_a_png_and_grids_handle_missing_files(tmp_path: Path) ->
     assert grids["gan"]["interpolation"] == "n/a: no encoder"
     assert grids["vae"]["traversal"].startswith("n/a: no traversal grid")
     curves = {
-        "vae": {0: [{"steps": 10.0, "flops": 1e9, "val/nll_bound_nats": 120.0}]},
+        "vae": {0: [{"steps": 10.0, "flops": 1e9, "val/nll_bound_nats": 120.0, v.CURVE_FID: 9.0}]},
         "flow": {0: [{"steps": 10.0, "flops": 2e9, "val/nll_bound_nats": 110.0}] * 2},
-        "gan": {0: []},
+        "gan": {0: [{"steps": 4.0, "flops": 5e8, v.CURVE_FID: 30.0}]},
+        "ebm": {0: []},
     }
     written = write_figures(
         families,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,21 +11,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from genlab.compute import sampling_flops
+from genlab.compute import CurveSet, sampling_flops
 from genlab.config import EvaluateParams, PredictionParams, RepresentationParams
 from genlab.data.datamodule import derived_seed
 from genlab.data.datasets import Split
 from genlab.data.prepared import load_split, read_meta
 from genlab.distributed import ONE_PROCESS, Shard
 from genlab.evaluation import vocabulary as v
+from genlab.evaluation.features import Extractor, Features, extract_features
 from genlab.evaluation.grids import image_grid
 from genlab.evaluation.intervals import mean_and_se, wilson
 from genlab.evaluation.likelihood import likelihood_metrics, subset
 from genlab.evaluation.ood import calibrate, ood_metrics, ood_sets
 from genlab.evaluation.predict import accuracy, log_prior, score_images, scorer
-from genlab.evaluation.protocol import Protocol, load_reference, measurement
+from genlab.evaluation.protocol import Protocol, Reference, load_reference, measurement
 from genlab.evaluation.representation import represent
 from genlab.evaluation.rows import Row, generation_metrics, memorisation_row, row_features
+from genlab.evaluation.sample_metrics import frechet_distance
 from genlab.models import GenerativeModule
 from genlab.models.base import bits_per_dim
 from genlab.progress import steps
@@ -191,6 +193,38 @@ class Evaluation:
     metrics: dict[str, float]
     grids: dict[str, np.ndarray]  # (H, W, 3) uint8: samples, classes, interpolation, traversal
     protocol: Protocol  # what the sample metrics were measured under
+    # The training's sample sets scored: [{"steps", "flops", v.CURVE_FID}], in training order.
+    curve: list[dict[str, float]] = field(default_factory=list)
+
+
+def validation_features(reference: Reference, protocol: Protocol) -> Features:
+    """The validation split's features: the reference itself when tuning (split `val`), else
+    the held-out real row's (`val` beside `test`)."""
+    if protocol.reference_split == "val":
+        return reference.reference
+    assert reference.heldout is not None and protocol.heldout_split == "val"
+    return reference.heldout
+
+
+def curve_fids(
+    sets: Sequence[CurveSet],
+    extractor: Extractor,
+    validation: Features,
+    *,
+    batch_size: int,
+    device: torch.device | str,
+) -> list[dict[str, float]]:
+    """The FID of each of the training's sample sets (`genlab.compute.CurveSamples`) against the
+    validation split, in the protocol's features, at the steps and FLOPs it was drawn at. Not
+    against the test split: the curve is read while choosing budgets and settings."""
+    out = []
+    for s in steps(sets, "curve FID", unit="sets"):
+        drawn = extract_features(
+            s.images, extractor, batch_size=batch_size, device=device, name="curve samples"
+        )
+        fid = frechet_distance(drawn.features, validation.features)
+        out.append({"steps": float(s.steps), "flops": s.flops, v.CURVE_FID: fid})
+    return out
 
 
 def _check_samples(model: GenerativeModule, samples: torch.Tensor, shape: tuple, levels: int):
@@ -213,6 +247,7 @@ def evaluate_model(
     prediction: PredictionParams,
     representation: RepresentationParams,
     shard: Shard = ONE_PROCESS,
+    curve_sets: Sequence[CurveSet] = (),
 ) -> Evaluation | None:
     """Every question the family can answer: generation (sample metrics and memorisation over
     `sample_seeds` sample sets, a sample grid), likelihood (held-out nats and the gap to the
@@ -224,7 +259,8 @@ def evaluate_model(
     test split is not read). The real data's features come from `reference_dir` (the `reference`
     stage), checked against the protocol before any sampling. Sampling, the costly part, is split
     over the processes of `shard`; rank 0 gathers the samples, extracts their features once and
-    computes every metric (other ranks: None). The seconds of each phase are metrics too."""
+    computes every metric (other ranks: None). The seconds of each phase are metrics too.
+    `curve_sets`, the training's sample sets, get their FID against validation (`curve`)."""
     meta = read_meta(prepared_dir)
     extractor, measured_under = measurement(protocol, evaluator_path, meta)
     reference = load_reference(reference_dir, measured_under)
@@ -313,9 +349,17 @@ def evaluate_model(
         grids["interpolation"] = rep.interpolation
         if rep.traversal is not None:
             grids["traversal"] = rep.traversal
+    curve = []
+    if curve_sets:
+        with phases("curve", device):
+            validation = validation_features(reference, measured_under)
+            curve = curve_fids(
+                curve_sets, extractor, validation, batch_size=protocol.batch_size, device=device
+            )
     metrics |= phases.metrics()
     return Evaluation(
         metrics={k: float(x) for k, x in sorted(metrics.items())},
         grids=grids,
         protocol=measured_under,
+        curve=curve,
     )

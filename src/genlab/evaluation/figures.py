@@ -188,34 +188,44 @@ Curves = dict[str, dict[int, list[dict[str, float]]]]
 
 
 def compute_figure(curves: Curves, dims: int, path: Path) -> Path:
-    """Quality against training compute: each likelihood family's validation NLL (bits/dim, a
-    bound where the family's is one) at every validation of its training, against the training
-    FLOPs spent by then; a line per training seed. Lower is better; where the lines cross, which
-    family is best depends on the budget."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    drawn = []
+    """Quality against training compute, against the training FLOPs spent by then, a line per
+    family and training seed: left, each likelihood family's validation NLL (bits/dim, a bound
+    where the family's is one) at every validation of its training; right, every family's
+    cheap FID (`v.CURVE_FID`: the training's sample sets against the validation split). Lower
+    is better in both; where the lines cross, which family is best depends on the budget."""
+    fig, (nll_ax, fid_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    drawn: dict[str, list[str]] = {"nll": [], "fid": []}
     for i, (family, seeds) in enumerate(curves.items()):
         colour = f"C{i}"
         for k, (_, points) in enumerate(sorted(seeds.items())):
             points = [p for p in points if p.get("flops", 0) > 0]
-            keys = [key for key in (points[0] if points else {}) if key not in ("steps", "flops")]
-            if not keys:
-                continue
-            flops = [p["flops"] for p in points]
-            bpd = [p[keys[0]] / (dims * math.log(2)) for p in points]
-            label = f"{family} ({keys[0]})" if k == 0 else None
-            ax.plot(flops, bpd, marker=".", color=colour, label=label)
-            drawn.append(family)
-    missing = [f for f in curves if f not in drawn]
-    if drawn:
-        ax.set_xscale("log")
-        ax.legend(fontsize=8)
-    ax.set_xlabel("training FLOPs")
-    ax.set_ylabel("validation NLL, bits/dim (lower is better)")
-    title = "Quality against training compute"
-    if missing:
-        title += f"\n(no validation likelihood: {', '.join(missing)})"
-    ax.set_title(title, fontsize=10)
+            nll_keys = {key for p in points for key in p} - {"steps", "flops", v.CURVE_FID}
+            for kind, ax, key in (
+                ("nll", nll_ax, min(nll_keys, default=None)),
+                ("fid", fid_ax, v.CURVE_FID),
+            ):
+                line = [p for p in points if key in p]
+                if not line:
+                    continue
+                scale = dims * math.log(2) if kind == "nll" else 1.0
+                label = (f"{family} ({key})" if kind == "nll" else family) if k == 0 else None
+                ys = [p[key] / scale for p in line]
+                ax.plot([p["flops"] for p in line], ys, marker=".", color=colour, label=label)
+                drawn[kind].append(family)
+    for kind, ax, ylabel, title in (
+        ("nll", nll_ax, "validation NLL, bits/dim (lower is better)", "Likelihood"),
+        ("fid", fid_ax, "FID of the curve's samples against validation ↓", "Sample quality"),
+    ):
+        if drawn[kind]:
+            ax.set_xscale("log")
+            ax.legend(fontsize=8)
+        ax.set_xlabel("training FLOPs")
+        ax.set_ylabel(ylabel)
+        missing = [f for f in curves if f not in drawn[kind]]
+        if missing:
+            title += f"\n(no points: {', '.join(missing)})"
+        ax.set_title(title, fontsize=10)
+    fig.suptitle("Quality against training compute", fontsize=11)
     return _save(fig, path)
 
 

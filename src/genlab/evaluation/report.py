@@ -656,7 +656,10 @@ def summary_markdown(
         "backward and optimiser steps of the training on all its processes; one `sample` call "
         "for a sample), 2 per multiply-add; seconds are wall time on the machine that ran the "
         "stage (training: the whole fit, validation included). A family given "
-        "`trainer.budget_flops` stopped at that budget, within one step.",
+        "`trainer.budget_flops` stopped at that budget, within one step. "
+        "`figures/compute.png` draws validation bits/dim and a cheap FID (the training's "
+        "`trainer.curve_samples` images at 1/16 … 1/2 and the end of its training, against "
+        "validation) against the training FLOPs spent.",
         "",
         *_compute_table(families),
         "",

@@ -138,11 +138,15 @@ def class_fids(
         a, b = generated[generated_y == k], reference[reference_y == k]
         if len(a) < 2 or len(b) < 2:
             continue
-        stats = [fid_features_to_statistics(f.double().cpu()) for f in (a, b)]
-        out[k] = float(
-            fid_statistics_to_metric(*stats, verbose=False)[torch_fidelity.KEY_METRIC_FID]
-        )
+        out[k] = frechet_distance(a, b)
     return out
+
+
+def frechet_distance(a: Tensor, b: Tensor) -> float:
+    """FID between two sets of features (N, D), torch-fidelity's statistics and distance in
+    float64."""
+    stats = [fid_features_to_statistics(f.double().cpu()) for f in (a, b)]
+    return float(fid_statistics_to_metric(*stats, verbose=False)[torch_fidelity.KEY_METRIC_FID])
 
 
 def point_metrics(generated: Features, reference: Features, protocol: Protocol) -> dict[str, float]:

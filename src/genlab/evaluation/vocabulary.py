@@ -186,6 +186,10 @@ TRAINING_COST = (TRAIN_WALL_S, TRAIN_FLOPS, TRAIN_STEPS, NUM_PARAMS)
 # ... and, under this key of train.json, the validation metric at every validation against the
 # steps and FLOPs spent so far: [{"steps": .., "flops": .., "val/nll_nats": ..}, ...].
 CURVE = "curve"
+# A point's FID of the training's `trainer.curve_samples` images drawn there, against the
+# validation split (the evaluate stage adds it to the curve): biased upwards at that n, so it is
+# compared along the curve and between families at the same n, not with eval/fid.
+CURVE_FID = "val/fid_curve"
 
 
 def phase_seconds(phase: str) -> str:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from genlab import paths
+from genlab.compute import load_curve_sets
 from genlab.config import Params
 from genlab.data.prepared import Meta, read_meta
 from genlab.distributed import launch
@@ -22,7 +23,14 @@ from genlab.evaluation.grids import save_png
 from genlab.evaluation.vocabulary import CURVE, PROTOCOL, TRAINING_COST, is_uncertainty
 from genlab.io import atomic_folder, write_json_atomic
 from genlab.models import MODELS
-from genlab.paths import COMPUTE_CURVE_FILE, MODEL_FILE, RUN_FILE, TRAIN_COST_FILE, run_name
+from genlab.paths import (
+    COMPUTE_CURVE_FILE,
+    CURVE_SAMPLES_FILE,
+    MODEL_FILE,
+    RUN_FILE,
+    TRAIN_COST_FILE,
+    run_name,
+)
 from genlab.progress import scope
 from genlab.sync import push_after_stage
 from genlab.tracking import RunRecord, flatten, log_evaluation, resolve_stores
@@ -60,8 +68,20 @@ def training_cost(model_dir: Path) -> tuple[dict[str, float], list[dict[str, flo
     return {key: float(cost[key]) for key in TRAINING_COST if key in cost}, curve
 
 
+def merged(*curves: list[dict[str, float]]) -> list[dict[str, float]]:
+    """Curves of points {"steps", "flops", <metric>: ..} as one, in order of steps: points at
+    the same step become one point with every metric measured there."""
+    by_step: dict[float, dict[str, float]] = {}
+    for curve in curves:
+        for point in curve:
+            by_step.setdefault(point["steps"], {}).update(point)
+    return [by_step[k] for k in sorted(by_step)]
+
+
 def main(params: Params, family: str, seed: int) -> None:
     model_dir = paths.family_model_dir(family, seed)
+    meta = read_meta(paths.PREPARED)
+    curve_sets = load_curve_sets(model_dir / CURVE_SAMPLES_FILE, meta.shape, meta.levels)
     record = RunRecord.load(model_dir / RUN_FILE)
     shard, device = launch(params.trainer)  # processes as trainer.devices/num_nodes ask
     checkpoint = model_dir / MODEL_FILE
@@ -79,11 +99,13 @@ def main(params: Params, family: str, seed: int) -> None:
             prediction=params.prediction,
             representation=params.representation,
             shard=shard,
+            curve_sets=curve_sets,
         )
     if result is None:  # a rank that only sampled: rank 0 writes and logs
         return
     cost, curve = training_cost(model_dir)
     metrics = result.metrics | cost
+    curve = merged(curve, result.curve)
     figures = write_grids(result.grids, paths.family_figures(family, seed), curve)
     metrics_file = paths.family_metrics(family, seed)
     write_json_atomic(metrics_file, metrics | {PROTOCOL: result.protocol.as_dict()})
@@ -94,7 +116,6 @@ def main(params: Params, family: str, seed: int) -> None:
         "protocol": result.protocol.as_dict(),
     }
     stores = resolve_stores(params.tracking.uri)
-    meta = read_meta(paths.PREPARED)
     log_evaluation(
         record,
         stores,
