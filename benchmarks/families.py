@@ -44,6 +44,7 @@ def bench_params(epochs: int, accelerator: str, store: Path) -> Params:
         section["max_epochs"] = epochs
     raw["trainer"]["accelerator"] = accelerator
     raw["trainer"]["sample_every_n_epochs"] = 10**6  # the final grid only
+    raw["trainer"]["curve_samples"] = 0  # training alone: no sample sets along it
     raw["tracking"] = {"uri": f"sqlite:///{store}", "experiment": "families"}
     return parse_params(raw, "params.yaml (benchmark copy)")
 

@@ -114,6 +114,7 @@ def bench_params(family: str, epochs: int, store: Path, args: argparse.Namespace
     default = "bf16-mixed" if args.accelerator == "gpu" else "32-true"
     trainer["precision"] = args.precision or default
     trainer["channels_last"], trainer["compile"] = args.channels_last, args.compile
+    trainer["curve_samples"] = 0  # the training loop alone: no sample sets along it
     if args.cifar:
         folder = str(store.parent / "cifar-sized")
         raw["dataset"] = {"name": "folder", "path": folder, "image_size": 32}

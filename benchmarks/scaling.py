@@ -53,6 +53,7 @@ def bench_params(profile: str | None, store: Path) -> Params:
         section |= {"max_epochs": 2, "batch_size": BATCH, "max_steps": None}
     raw["trainer"] |= {"accelerator": "cpu", "sample_every_n_epochs": 10**6, "budget_flops": None}
     raw["trainer"] |= {"precision": "32-true", "compile": False, "channels_last": False}
+    raw["trainer"]["curve_samples"] = 0  # training alone: no sample sets along it
     raw["tracking"] = {"uri": f"sqlite:///{store}", "experiment": "scaling"}
     raw["tracking"]["system_metrics_every_s"] = None
     return parse_params(raw, "params.yaml (scaling copy)")

@@ -171,10 +171,11 @@ def test_a_step_budget_is_a_finished_training_with_its_cost_recorded(
     assert curve[0]["flops"] < curve[1]["flops"] == cost[v.TRAIN_FLOPS]
     assert all(p[v.nll_key("val", "lower_bound")] > 0 for p in curve)
     assert cost[v.TRAIN_STEPS] == 6 and cost[v.TRAIN_FLOPS] > 0 and cost[v.TRAIN_WALL_S] > 0
-    # Sample sets for the cheap FID: at the first epoch's end (2/3 of the step budget, past
-    # 1/16 .. 1/2) and at the budget, at the same steps and FLOPs as the curve's points.
+    # Sample sets for the cheap FID, after the steps that pass 1/16 and 1/8 (step 1 of 6), 1/4
+    # (step 2), 1/2 (step 3) of the step budget, and at its end, where the curve ends too.
     sets = load_curve_sets(tmp_path / "model" / CURVE_SAMPLES_FILE, (1, 8, 8), 17)
-    assert [(s.steps, s.flops) for s in sets] == [(p["steps"], p["flops"]) for p in curve]
+    assert [s.steps for s in sets] == [1, 2, 3, 6]
+    assert (sets[-1].steps, sets[-1].flops) == (curve[-1]["steps"], curve[-1]["flops"])
     assert all(s.images.shape == (32, 1, 8, 8) and s.labels is None for s in sets)
     run = MlflowClient(store).get_run(result.run.run_id)
     assert run.data.metrics[v.TRAIN_FLOPS] == pytest.approx(cost[v.TRAIN_FLOPS])
@@ -196,9 +197,10 @@ class StopAfter(Callback):
 def test_curve_samples_are_drawn_at_the_shares_of_the_training_and_kept_over_a_resume(
     tiny: dict, tmp_path: Path
 ) -> None:
-    """A GAN of one step an epoch over 16 epochs, stopped after 5 and resumed: sets at 1/16, 1/8
-    and 1/4 of it, where the first fit stopped (step 5), then at 1/2 and the end; each with the
-    FLOPs spent by then, the same seeded draws of the weights of that moment."""
+    """A GAN of one step an epoch over 16 epochs, stopped after 5 and resumed: sets after the
+    steps that pass 1/16, 1/8 and 1/4 of it, where the first fit stopped (step 5), then at 1/2
+    and the end; each with the FLOPs spent by then, the same seeded draws of the weights of that
+    moment."""
     x, y = _images("gan", 8)
     loader = DataLoader(TensorDataset(x, y), batch_size=8)  # one step an epoch
     torch.manual_seed(0)

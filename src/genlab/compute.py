@@ -224,15 +224,17 @@ def draw(model: Any, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | No
 
 
 class CurveSamples(Callback):
-    """Draws `n` images, with the same seed each time, when the training passes each share of
-    `CURVE_FRACTIONS` and where it ends, each with the steps and FLOPs spent so far (from
-    `budget`): the evaluate stage scores each set by a cheap FID against the validation split,
-    sample quality along the compute curve for every family, those without a likelihood too.
+    """Draws `n` images, with the same seed each time, after the optimiser step that takes the
+    training past each share of `CURVE_FRACTIONS` and where it ends, each with the steps and
+    FLOPs spent so far (from `budget`): the evaluate stage scores each set by a cheap FID
+    against the validation split, sample quality along the compute curve for every family,
+    those without a likelihood too.
 
-    A share is of `max_epochs`, or of the step or FLOP budget where that ends the training
-    sooner. Drawn on rank 0 between epochs (after the epoch's validation, before its
-    checkpoints), from the training weights of that moment (a family's `sample` uses its EMA
-    weights where it keeps them); the sets go into the checkpoints, so a resumed fit keeps them.
+    A share is of the training's batches (`max_epochs` of them), or of the step or FLOP budget
+    where that ends the training sooner: a few long epochs (a 28 px profile trains one to four)
+    still get every share. Drawn on rank 0 from the training weights of that moment (a family's
+    `sample` uses its EMA weights where it keeps them); the sets go into the checkpoints, so a
+    resumed fit keeps those drawn before its checkpoint.
     """
 
     def __init__(self, n: int, seed: int, budget: ComputeBudget, max_epochs: int) -> None:
@@ -243,17 +245,26 @@ class CurveSamples(Callback):
         self.sets: list[dict[str, Any]] = []  # {"steps", "flops", "images", "labels"}
         self.passed = 0  # how many of CURVE_FRACTIONS have been drawn at
 
-    def fraction(self, epochs_done: int) -> float:
+    def fraction(self, batches_per_epoch: float) -> float:
+        """The share of the training done, by the first of its bounds to end it."""
         budget = self.budget
-        shares = [epochs_done / self.max_epochs]
+        shares = [budget.steps / (batches_per_epoch * self.max_epochs)]
         if budget.max_steps is not None:
             shares.append(budget.steps / budget.max_steps)
         if budget.max_flops is not None:
             shares.append(budget.flops / budget.max_flops)
         return max(shares)
 
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        share = self.fraction(trainer.current_epoch + 1)
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        # After ComputeBudget's hook (it comes first in the callbacks): this step is counted.
+        share = self.fraction(trainer.num_training_batches)
         crossed = sum(f <= share for f in CURVE_FRACTIONS)
         if crossed > self.passed:
             self.passed = crossed
@@ -309,7 +320,14 @@ def load_curve_sets(path: str | Path, shape: Sequence[int], levels: int) -> list
         out = [
             CurveSet(int(s["steps"]), float(s["flops"]), s["images"], s.get("labels")) for s in sets
         ]
-    except (KeyError, TypeError, ValueError, RuntimeError, pickle.UnpicklingError) as e:
+    except (
+        AttributeError,
+        KeyError,
+        TypeError,
+        ValueError,
+        RuntimeError,
+        pickle.UnpicklingError,
+    ) as e:
         raise DataError(f"{path}: not a curve-samples file ({e}); re-run training") from None
     for s in out:
         x, y = s.images, s.labels
