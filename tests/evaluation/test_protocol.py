@@ -23,6 +23,7 @@ from mlflow import MlflowClient
 from torch import nn
 
 from genlab import paths
+from genlab.compute import load_curve_sets
 from genlab.config import EvaluateParams, parse_params
 from genlab.data.prepared import load_split, read_meta
 from genlab.errors import ConfigError, DataError, GenlabError
@@ -39,6 +40,7 @@ from genlab.evaluation.protocol import (
 )
 from genlab.evaluation.sample_metrics import point_metrics
 from genlab.io import write_json_atomic
+from genlab.paths import CURVE_SAMPLES_FILE
 from genlab.stages import baselines, evaluate, reference, report
 from genlab.tracking import BASELINES_TAG
 from genlab.training import train_family
@@ -95,10 +97,10 @@ def test_protocol_names_everything_a_number_depends_on(
         ({"kid_subsets": 21}, False),
         ({"kid_subset_size": 100}, False),
         ({"isc_splits": 5}, False),
-        ({"prc_neighborhood": 5}, False),
+        ({"prc_neighborhood": 5}, True),  # the reference draws' k-NN radii
         ({"num_samples": 300}, False),
         ({"sample_seeds": 3}, False),
-        ({"bootstrap": 30}, False),
+        ({"bootstrap": 30}, True),  # the reference draws
         ({"confidence": 0.9}, False),
         ({"copying_tau": 0.1}, False),
         ({"copying_cells": 4}, True),
@@ -215,11 +217,15 @@ def test_reference_is_computed_once_and_reused_by_evaluate_baselines_and_report(
     assert cached.name == f"{protocol.features_id}.pt"
     written = cached.stat().st_mtime_ns
 
+    meta = read_meta(paths.PREPARED)
+    model_dir = paths.family_model_dir("gan", 0)
+    curve = load_curve_sets(model_dir / CURVE_SAMPLES_FILE, meta.shape, meta.levels)
     for _ in range(2):
         evaluate.main(params, "gan", 0)
         # Two sets of 100 samples once each, for every metric (FID ... conditional accuracy,
-        # per-class FID, memorisation); not one real image: the reference is read.
-        assert images_seen.take() == 2 * 100
+        # per-class FID, memorisation), and the training's curve sets; not one real image: the
+        # reference is read.
+        assert images_seen.take() == 2 * 100 + sum(len(s.images) for s in curve) > 200
     assert cached.stat().st_mtime_ns == written and list(paths.REFERENCE.iterdir()) == [cached]
 
     metrics = json.loads(paths.family_metrics("gan", 0).read_text())

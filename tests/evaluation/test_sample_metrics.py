@@ -199,15 +199,17 @@ def test_a_replicate_on_the_full_reference_is_the_point_value() -> None:
     gen, ref = gaussian(150, 12, g, shift=0.3), gaussian(150, 12, g)
     protocol = PARAMS.model_copy(update={"kid_subset_size": 150, "kid_subsets": 1})
     point = sm.point_metrics(gen, ref, protocol)
-    reference = sm._Reference.of(ref, None, protocol.prc_neighborhood)
+    index = torch.randint(150, (150,), generator=g)
+    k = protocol.prc_neighborhood
+    draws = sm.reference_draws(ref, torch.stack([torch.arange(150), index]), k)
+    reference = sm._Reference.of(ref, None, draws, k)
     one = sm._Set(gen.features.double(), gen.logits, None, reference, classes=0)
-    replicate = one.against(reference.draw(torch.arange(150)))
+    replicate = one.against(reference.draw(0))
     for key in (v.FID, v.KID, v.PRECISION, v.RECALL, v.DENSITY, v.COVERAGE, v.F_SCORE):
         assert replicate[key] == pytest.approx(point[key], rel=1e-6, abs=1e-9), key
     # A draw with repeats is the metric of the drawn rows (what torch-fidelity gives for them).
-    index = torch.randint(150, (150,), generator=g)
     drawn = sm.point_metrics(gen, ref.take(index), protocol)
-    replicate = one.against(reference.draw(index))
+    replicate = one.against(reference.draw(1))
     for key in (v.FID, v.PRECISION, v.RECALL, v.DENSITY, v.COVERAGE):
         assert replicate[key] == pytest.approx(drawn[key], rel=1e-6, abs=1e-9), key
     kid = kid_features_to_metric(
@@ -230,8 +232,14 @@ def test_row_values_are_means_over_sets_with_intervals_around_them() -> None:
     for key in (v.PRECISION, v.RECALL, v.COVERAGE):
         assert out[v.ci_low(key)] >= 0 and out[v.ci_high(key)] <= 1
     assert out[v.ci_low(v.FID)] >= 0
-    # Seeded: the same row gives the same intervals.
+    # Seeded: the same row gives the same intervals, and the same with the reference draws
+    # computed beforehand (the reference stage's cache); another protocol's draws are refused.
     assert sm.sample_metrics(sets, ref, PARAMS) == out
+    cached = sm.protocol_draws(ref, PARAMS)
+    assert sm.sample_metrics(sets, ref, PARAMS, draws=cached) == out
+    other = sm.protocol_draws(ref, PARAMS.model_copy(update={"seed": PARAMS.seed + 1}))
+    with pytest.raises(ValueError, match="re-run the reference stage"):
+        sm.sample_metrics(sets, ref, PARAMS, draws=other)
 
 
 def test_one_fixed_set_gets_its_spread_from_a_bootstrap_of_its_images() -> None:

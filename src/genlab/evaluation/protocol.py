@@ -34,6 +34,7 @@ from genlab.data.prepared import Meta, load_split, read_meta
 from genlab.errors import DataError, GenlabError
 from genlab.evaluation import memorisation, sizes
 from genlab.evaluation.features import Extractor, Features, extract_features, make_extractor
+from genlab.evaluation.sample_metrics import ReferenceDraws, protocol_draws
 from genlab.evaluation.sizes import NO_SPLIT, heldout_split
 from genlab.io import save_torch_atomic
 
@@ -80,6 +81,8 @@ class Protocol:
         "reference_split",
         "heldout_split",
         "copying_cells",
+        "bootstrap",  # the reference's bootstrap draws (sample_metrics.ReferenceDraws)
+        "prc_neighborhood",
         "seed",
     )
 
@@ -185,6 +188,7 @@ class Reference:
     train_nn: Tensor  # (M,) float64: each training row's distance to its nearest other one
     reference_dist: Tensor  # (n,) float64: reference rows' distance to their cell's training
     reference_cells: Tensor  # (n,) int64: their cells
+    draws: ReferenceDraws  # the bootstrap draws of the reference rows, for every row's intervals
 
     @property
     def cells(self) -> memorisation.Cells:
@@ -240,6 +244,7 @@ def compute_reference(
         train_nn=train_nn,
         reference_dist=reference_dist,
         reference_cells=reference_cells,
+        draws=protocol_draws(reference, protocol),
     )
 
 
@@ -258,6 +263,7 @@ def save_reference(reference: Reference, folder: str | Path, protocol: Protocol)
         "train_nn": reference.train_nn,
         "reference_dist": reference.reference_dist,
         "reference_cells": reference.reference_cells,
+        "draws": reference.draws.as_dict(),
     }
     save_torch_atomic(blob, path)
     for other in folder.glob("*.pt"):
@@ -283,15 +289,19 @@ def load_reference(folder: str | Path, protocol: Protocol) -> Reference:
                 f"{path} was computed under another protocol; run `dvc repro reference`"
             )
         heldout = blob["heldout"]
+        reference = Features(**blob["reference"])
+        draws = ReferenceDraws(**blob["draws"])
+        draws.check(len(reference), protocol.bootstrap)
         return Reference(
             key=blob["key"],
-            reference=Features(**blob["reference"]),
+            reference=reference,
             train=Features(**blob["train"]),
             heldout=None if heldout is None else Features(**heldout),
             centroids=blob["centroids"],
             train_nn=blob["train_nn"],
             reference_dist=blob["reference_dist"],
             reference_cells=blob["reference_cells"],
+            draws=draws,
         )
     except DataError:
         raise

@@ -69,6 +69,7 @@ def generation_metrics(
         labels=labels,
         reference_labels=reference_y if labels is not None else None,
         num_classes=num_classes,
+        draws=reference.draws,
     )
     if row.labels is not None:
         predicted = []

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -45,8 +46,10 @@ from genlab.evaluation.intervals import (
     bootstrap_indices,
     sample_metric_interval,
 )
-from genlab.evaluation.protocol import Protocol
 from genlab.evaluation.vocabulary import Estimate
+
+if TYPE_CHECKING:  # protocol.py keeps this module's reference draws in its cache
+    from genlab.evaluation.protocol import Protocol
 
 # The range each metric lives in (intervals are clipped to it).
 BOUNDS: dict[str, Bounds] = {
@@ -222,26 +225,75 @@ def _offdiagonal_mean(k: Tensor) -> Tensor:
 
 
 @dataclass(frozen=True)
+class ReferenceDraws:
+    """The bootstrap draws of the reference rows, with the parts of their replicates that need
+    the reference's (M, M) kernel and distance matrices: the same for every row of a
+    comparison, so the reference stage computes them once per protocol (`reference_draws`) and
+    every row reads them. (Per row, at MNIST's M = 10000 test images, each draw gathered and
+    ranked a 10000 x 10000 matrix: 150 s of a family's evaluation at 50 draws on 2 cores.)"""
+
+    index: Tensor  # (B, M) int64: the rows of each draw
+    radii: Tensor  # (B, M) float64: each drawn row's k-NN radius within its draw
+    kernel_rr: Tensor  # (B,) float64: KID's reference term of each draw
+
+    def as_dict(self) -> dict[str, Tensor]:
+        return {"index": self.index, "radii": self.radii, "kernel_rr": self.kernel_rr}
+
+    def check(self, rows: int, replicates: int) -> None:
+        """Raises ValueError unless these are `replicates` draws of `rows` reference rows."""
+        b, m = replicates, rows
+        if not (
+            self.index.shape == (b, m)
+            and self.index.dtype == torch.int64
+            and (m == 0 or (int(self.index.min()) >= 0 and int(self.index.max()) < m))
+            and self.radii.shape == (b, m)
+            and self.kernel_rr.shape == (b,)
+        ):
+            raise ValueError(f"not {b} bootstrap draws of {m} reference rows")
+
+
+def reference_draws(reference: Features, index: Tensor, k: int) -> ReferenceDraws:
+    """The draws `index` (B, M) of the reference rows with their k-NN radii and KID terms."""
+    x = reference.features.double()
+    kernel, distances = _kernel(x, x), torch.cdist(x, x)  # (M, M) each
+    radii, kernel_rr = [], []
+    for rows in index:
+        m = rows.numel()
+        counts = torch.bincount(rows, minlength=x.shape[0]).double()
+        # Positions a != b of the draw; copies of one image at two positions are such a pair.
+        pairs = counts @ kernel @ counts - (counts * kernel.diagonal()).sum()
+        kernel_rr.append(pairs / (m * (m - 1)))
+        radii.append(knn_radii(distances[rows[:, None], rows], k))
+    return ReferenceDraws(index=index, radii=torch.stack(radii), kernel_rr=torch.stack(kernel_rr))
+
+
+def protocol_draws(reference: Features, protocol: Protocol) -> ReferenceDraws:
+    """The protocol's draws: `bootstrap` of them, from a generator seeded by its seed (the
+    first numbers `sample_metrics` draws from it)."""
+    generator = torch.Generator().manual_seed(protocol.seed)
+    index = bootstrap_indices(len(reference), protocol.bootstrap, generator)
+    return reference_draws(reference, index, protocol.prc_neighborhood)
+
+
+@dataclass(frozen=True)
 class _Reference:
     """The reference side of every replicate (float64)."""
 
     x: Tensor  # (M, D) features
     y: Tensor | None  # (M,) labels
-    kernel: Tensor  # (M, M)
-    distances: Tensor  # (M, M)
+    draws: ReferenceDraws
     k: int  # nearest neighbours of a ball
 
     @classmethod
-    def of(cls, reference: Features, labels: Tensor | None, k: int) -> _Reference:
-        x = reference.features.double()
-        return cls(x=x, y=labels, kernel=_kernel(x, x), distances=torch.cdist(x, x), k=k)
+    def of(
+        cls, reference: Features, labels: Tensor | None, draws: ReferenceDraws, k: int
+    ) -> _Reference:
+        return cls(x=reference.features.double(), y=labels, draws=draws, k=k)
 
-    def draw(self, index: Tensor) -> _Draw:
-        """What every set's replicate against the reference rows `index` shares."""
-        x, m = self.x[index], index.numel()
-        counts = torch.bincount(index, minlength=self.x.shape[0]).double()
-        # Positions a != b of the draw; copies of one image at two positions are such a pair.
-        pairs = counts @ self.kernel @ counts - (counts * self.kernel.diagonal()).sum()
+    def draw(self, b: int) -> _Draw:
+        """What every set's replicate against the reference's draw b shares."""
+        index = self.draws.index[b]
+        x = self.x[index]
         by_class = {}
         if self.y is not None:
             y = self.y[index]
@@ -251,11 +303,11 @@ class _Reference:
                     by_class[c] = (xc.mean(dim=0), _covariance(xc))
         return _Draw(
             index=index,
-            counts=counts,
+            counts=torch.bincount(index, minlength=self.x.shape[0]).double(),
             mean=x.mean(dim=0),
             cov=_covariance(x),
-            kernel_rr=pairs / (m * (m - 1)),
-            radii=knn_radii(self.distances[index][:, index], self.k),
+            kernel_rr=self.draws.kernel_rr[b],
+            radii=self.draws.radii[b],
             by_class=by_class,
         )
 
@@ -367,6 +419,7 @@ def sample_metrics(
     labels: list[Tensor] | None = None,
     reference_labels: Tensor | None = None,
     num_classes: int = 0,
+    draws: ReferenceDraws | None = None,
 ) -> dict[str, float]:
     """Every sample metric of a row of S sets of images against the reference, each the mean
     over the sets with its interval (``<name>_ci_low``/``_ci_high``), plus per-class FIDs when
@@ -375,7 +428,8 @@ def sample_metrics(
     With one set (a row of fixed real images) the samples' part of each interval comes from a
     bootstrap of its images; with several, from the spread between the sets (`intervals.py`).
     The reference bootstrap draws come from a generator seeded by the protocol's seed, so every
-    row of a comparison sees the same reference draws."""
+    row of a comparison sees the same reference draws; `draws`, the reference stage's cache of
+    them (`protocol_draws`), saves computing their radii and KID terms again."""
     if not sets:
         raise ValueError("no sets of images to measure")
     conditional = labels is not None
@@ -390,19 +444,25 @@ def sample_metrics(
             per_class.append(fids)
             metrics[v.CLASS_FID_MEAN] = float(np.mean(list(fids.values())))
 
-    ref = _Reference.of(reference, reference_labels, k)
+    generator = torch.Generator().manual_seed(protocol.seed)
+    index = bootstrap_indices(len(reference), protocol.bootstrap, generator)
+    if draws is None:
+        draws = reference_draws(reference, index, k)
+    elif not torch.equal(draws.index, index):
+        raise ValueError(
+            "the cached reference draws are not this protocol's: re-run the reference stage"
+        )
+    ref = _Reference.of(reference, reference_labels, draws, k)
     prepared = [
         _Set(s.features.double(), s.logits, y, ref, classes=num_classes)
         for s, y in zip(sets, labels if conditional else [None] * len(sets), strict=True)
     ]
-    generator = torch.Generator().manual_seed(protocol.seed)
-    draws = bootstrap_indices(len(reference), protocol.bootstrap, generator)
     # Several sets: each draw of the reference against every set, averaged over the sets. One
     # set: the set's images are redrawn with the reference (`_Set.resampled`).
     own = bootstrap_indices(len(sets[0]), protocol.bootstrap, generator) if len(sets) == 1 else None
     replicates: dict[str, list[float]] = {}
-    for b, index in enumerate(draws):
-        draw = ref.draw(index)
+    for b in range(protocol.bootstrap):
+        draw = ref.draw(b)
         if own is None:
             per = [p.against(draw) for p in prepared]
             replicate = {key: float(np.mean([r[key] for r in per])) for key in per[0]}
