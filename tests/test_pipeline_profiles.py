@@ -53,9 +53,11 @@ def test_the_mnist_profile_runs_end_to_end_on_idx_files(tmp_path: Path) -> None:
     override = _small_evaluation(60) | {"families": ["vae", "gan"]}
     override["dataset"] |= {"root": str(raw), "download": False}
     override["evaluate"]["scored_images"] = 30  # of the 80 test images, as the profile bounds it
+    override["representation"] = {"probe_images": 100}  # of the training images
     root = _tiny_variant(tmp_path / "repo", "mnist", override)
     assert _shape(root) == ([1, 28, 28], 256)
     vae = json.loads((root / paths.family_metrics("vae", 0)).read_text())
+    assert 0 <= vae[v.probe_acc("test")] <= 1
     assert vae[v.SCORED_IMAGES] == 30 and v.SCORED_IMAGES not in json.loads(
         (root / paths.family_metrics("gan", 0)).read_text()
     )

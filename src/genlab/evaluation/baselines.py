@@ -30,6 +30,7 @@ from genlab.evaluation import vocabulary as v
 from genlab.evaluation.evaluator import classifier_predictions
 from genlab.evaluation.features import Extractor
 from genlab.evaluation.intervals import rate
+from genlab.evaluation.likelihood import subset
 from genlab.evaluation.memorisation import memorisation
 from genlab.evaluation.protocol import Protocol, Reference
 from genlab.evaluation.representation import linear_probe, probe_metrics
@@ -118,9 +119,10 @@ def baseline_metrics(
     real |= _with(
         v.class_acc(split), rate(predicted.cpu() == ref_split.y, confidence=protocol.confidence)
     )
+    probed = subset(train, representation.probe_images, protocol.seed)  # as the families'
     pixels = linear_probe(
-        train.x.flatten(1).float(),
-        train.y,
+        probed.x.flatten(1).float(),
+        probed.y,
         ref_split.x.flatten(1).float(),
         ref_split.y,
         c=representation.probe_c,

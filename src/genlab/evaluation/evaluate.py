@@ -337,8 +337,8 @@ def evaluate_model(
         with phases("representation", device):
             rep = represent(
                 model,
-                splits["train"],
-                splits[heldout],
+                subset(splits["train"], representation.probe_images, protocol.seed),
+                scored[heldout],
                 representation,
                 levels=meta.levels,
                 batch_size=protocol.batch_size,
