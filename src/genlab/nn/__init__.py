@@ -1,0 +1,1 @@
+"""Network blocks shared *identically* by two or more families (DESIGN.md, layout)."""
