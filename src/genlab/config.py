@@ -218,7 +218,8 @@ class PredictionParams(Strict):
     # A conditional bound family scores every class with a fifth of the draws, then only this
     # many best classes with all of them (successive elimination); null: every class, all draws.
     # Diffusion on digits, 30 draws: 3 kept the accuracy (0.980) and the marginal NLL (+0.04
-    # nats) at 2.3x less time, 2 cost 0.5 points of accuracy.
+    # nats) at 2.3x less time, 2 cost 0.5 points of accuracy. OOD detection's log p(x) gives
+    # the best class alone every draw (`predict.detection_shortlist`); null: every class there too.
     shortlist: PositiveInt | None = 3
     # Fraction of the validation split that the in-distribution threshold may reject.
     fpr: Annotated[float, Field(gt=0, lt=1)] = 0.05

@@ -30,7 +30,13 @@ from genlab.data.images import (
 from genlab.data.prepared import Meta, load_split, read_meta
 from genlab.errors import DataError, GenlabError
 from genlab.evaluation import ood
-from genlab.evaluation.predict import Scorer, log_prior, score_images, scorer
+from genlab.evaluation.predict import (
+    Scorer,
+    detection_shortlist,
+    log_prior,
+    score_images,
+    scorer,
+)
 from genlab.io import write_text_atomic
 from genlab.models import MODELS, GenerativeModule
 from genlab.models.base import Likelihood, bits_per_dim
@@ -298,8 +304,9 @@ def _log_px(
         samples=prediction.bound_samples,
         batch_size=protocol.batch_size,
         seed=protocol.seed,
-        shortlist=prediction.shortlist,
-        joint=False,  # log p(x) alone, as the evaluation's threshold was calibrated
+        # log p(x) alone, as the evaluation's threshold was calibrated
+        shortlist=detection_shortlist(prediction.shortlist),
+        joint=False,
     ).log_px
 
 

@@ -14,7 +14,8 @@ from genlab.data.prepared import load_split, read_meta
 from genlab.evaluation import vocabulary as v
 from genlab.evaluation.evaluate import prediction_metrics
 from genlab.evaluation.intervals import auroc_estimate, wilson
-from genlab.evaluation.ood import ood_sets
+from genlab.evaluation.ood import auroc as auroc_of
+from genlab.evaluation.ood import calibrate, ood_sets
 from genlab.evaluation.predict import accuracy, log_prior, posterior, score_images, scorer
 from genlab.models import MODELS
 from genlab.models.base import GenerativeModule
@@ -282,6 +283,42 @@ def test_a_shortlist_rescores_the_best_classes_with_every_draw(tiny: dict[str, d
     assert torch.equal(
         score_images(exact, x, shortlist=2, **kw).joint, score_images(exact, x, **kw).joint
     )
+
+
+@pytest.mark.parametrize("shortlist", [3, None])
+def test_detection_gives_the_best_class_every_draw_and_classification_the_shortlist(
+    shortlist: int | None, tiny: dict[str, dict], prepared_digits: Path
+) -> None:
+    """OOD detection thresholds log p(x) with the most likely class alone rescored
+    (`detection_shortlist`: 1), classification keeps the params' shortlist; `shortlist: null`
+    scores every class with every draw for both."""
+    kwargs = tiny["vae"] | {"conditional": True}
+    torch.manual_seed(0)
+    model = MODELS["vae"](image_shape=(1, 8, 8), levels=17, num_classes=10, **kwargs).eval()
+    meta = read_meta(prepared_digits)
+    splits = {s: load_split(prepared_digits, s, meta) for s in ("train", "val", "test")}
+    splits = {s: type(split)(x=split.x[:30], y=split.y[:30]) for s, split in splits.items()}
+    params = PredictionParams(bound_samples=10, shortlist=shortlist, ood_sets=["hflip"])
+    protocol = EvaluateParams(batch_size=30)
+    metrics = prediction_metrics(model, splits, heldout="test", params=params, protocol=protocol)
+    kw = {
+        "log_prior": log_prior(splits["train"].y, 10),
+        "samples": 10,
+        "batch_size": 30,
+        "seed": protocol.seed,
+    }
+    detect = kw | {"shortlist": None if shortlist is None else 1, "joint": False}
+    val = score_images(model, splits["val"].x, **detect).log_px
+    held = score_images(model, splits["test"].x, **detect).log_px
+    flipped = ood_sets(["hflip"], splits["test"].x, 17, protocol.seed)["hflip"]
+    outside = score_images(model, flipped, **detect).log_px
+    threshold = calibrate(val, params.statistic, params.fpr).threshold
+    assert metrics[v.OOD_THRESHOLD] == pytest.approx(threshold, rel=1e-12)
+    assert metrics[v.auroc("hflip")] == pytest.approx(auroc_of(held, outside), rel=1e-12)
+    joint = score_images(model, splits["test"].x, shortlist=shortlist, **kw).joint
+    assert metrics[v.class_acc("test")] == accuracy(joint, splits["test"].y)
+    if shortlist is not None:  # the two estimates differ: detection did not reuse the joint
+        assert not torch.equal(held, torch.logsumexp(joint, dim=1))
 
 
 @pytest.mark.parametrize(("family", "estimate"), [("vae", False), ("diffusion", True)])

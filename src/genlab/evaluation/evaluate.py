@@ -23,7 +23,14 @@ from genlab.evaluation.grids import image_grid
 from genlab.evaluation.intervals import mean_and_se, wilson
 from genlab.evaluation.likelihood import likelihood_metrics, subset
 from genlab.evaluation.ood import calibrate, ood_metrics, ood_sets
-from genlab.evaluation.predict import accuracy, log_prior, score_images, scorer
+from genlab.evaluation.predict import (
+    accuracy,
+    detection_shortlist,
+    log_prior,
+    score_images,
+    scorer,
+    shortlisted,
+)
 from genlab.evaluation.protocol import Protocol, Reference, load_reference, measurement
 from genlab.evaluation.representation import represent
 from genlab.evaluation.rows import Row, generation_metrics, memorisation_row, row_features
@@ -119,9 +126,10 @@ def prediction_metrics(
     rule, on the held-out split `heldout`; the validation split sets the typical log p(x) and
     the threshold (tuning on `val` measures on the same images the threshold was set on).
 
-    Detection scores log p(x) (`predict.score_images`): the marginal of the joint scores, or,
-    for a family that `scores_without_labels`, its unlabelled score (the same number, one pass),
-    on the validation, held-out and out-of-distribution images alike.
+    Detection scores log p(x) (`predict.score_images`): the marginal of the joint scores (with
+    `predict.detection_shortlist`), or, for a family that `scores_without_labels`, its
+    unlabelled score (the same number, one pass), on the validation, held-out and
+    out-of-distribution images alike.
 
     Metrics: ``ood/auroc_<set>``, ``ood/auroc_typicality_<set>``, ``ood/detected_<set>``,
     ``ood/fpr``, ``ood/threshold``; conditional families add ``<split>/class_acc`` and, with a
@@ -138,26 +146,32 @@ def prediction_metrics(
     }
     confidence = protocol.confidence
 
-    def density(split: str) -> torch.Tensor:
+    detect = kw | {"shortlist": detection_shortlist(params.shortlist), "joint": False}
+
+    def density(x: torch.Tensor, what: str) -> torch.Tensor:
         # Detection needs log p(x) alone: one score per image where the family scores
-        # without labels (`score_images(joint=False)`).
-        return score_images(
-            model, splits[split].x, joint=False, what=f"scoring {split}", **kw
-        ).log_px
+        # without labels.
+        return score_images(model, x, what=what, **detect).log_px
 
     # Classification and the marginal need the joint scores of every class; a family that
-    # needs its labels to score marginalises those for detection too (no second pass).
+    # needs its labels to score marginalises those for detection too (no second pass), unless
+    # detection shortlists differently.
     labelled = None
     if model.conditional:
         labelled = score_images(model, splits[heldout].x, what=f"classifying {heldout}", **kw)
-    reuse = labelled is not None and not model.scores_without_labels
-    held = labelled.log_px if reuse else density(heldout)
-    val = held if heldout == "val" else density("val")
+
+    def effective(shortlist: int | None) -> int | None:
+        return shortlist if shortlisted(model, params.bound_samples, shortlist) else None
+
+    reuse = (
+        labelled is not None
+        and not model.scores_without_labels
+        and effective(params.shortlist) == effective(detect["shortlist"])
+    )
+    held = labelled.log_px if reuse else density(splits[heldout].x, f"scoring {heldout}")
+    val = held if heldout == "val" else density(splits["val"].x, "scoring val")
     sets = ood_sets(params.ood_sets, splits[heldout].x, model.levels, protocol.seed)
-    outside = {
-        name: score_images(model, x, joint=False, what=f"scoring OOD {name}", **kw).log_px
-        for name, x in sets.items()
-    }
+    outside = {name: density(x, f"scoring OOD {name}") for name, x in sets.items()}
     calibration = calibrate(val, params.statistic, params.fpr)
     out = ood_metrics(held, outside, calibration, confidence=confidence)
     if labelled is not None and labelled.joint is not None:
