@@ -67,6 +67,7 @@ def tiny(tiny_vae_kwargs: dict) -> dict[str, dict]:
             "val_samples": 2,
             "eval_samples": 3,
         },
+        "flow_matching": {"channels": 8, "sample_steps": 2, "val_images": 8},
     }
 
 

@@ -2,4 +2,4 @@
 CLI's choices and the params schema need the names, not the code): `genlab.models.MODELS` maps
 each name to its class, one explicit line per family, and a test checks that the two agree."""
 
-FAMILIES = ("pixelcnn", "flow", "vae", "diffusion", "ebm", "gan")
+FAMILIES = ("pixelcnn", "flow", "vae", "diffusion", "flow_matching", "ebm", "gan")

@@ -4,6 +4,7 @@ from genlab.models.base import GenerativeModule
 from genlab.models.diffusion import Diffusion
 from genlab.models.ebm import EBM
 from genlab.models.flow import Flow
+from genlab.models.flow_matching import FlowMatching
 from genlab.models.gan import GAN
 from genlab.models.pixelcnn import PixelCNN
 from genlab.models.vae import VAE
@@ -13,6 +14,7 @@ MODELS: dict[str, type[GenerativeModule]] = {
     "flow": Flow,
     "vae": VAE,
     "diffusion": Diffusion,
+    "flow_matching": FlowMatching,
     "ebm": EBM,
     "gan": GAN,
 }
