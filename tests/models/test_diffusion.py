@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 from torch.distributions import Normal, kl_divergence
 
 from genlab.evaluation import vocabulary as v
@@ -16,6 +17,7 @@ from genlab.models.diffusion import (
     gaussian_kl,
     make_betas,
 )
+from genlab.models.ode import Solver
 
 SHAPE = (1, 8, 8)
 LEVELS = 17
@@ -345,3 +347,82 @@ def test_lightning_checkpoint_round_trip_and_ema(fit_and_reload, conditional: bo
     assert torch.equal(
         seeded_log_prob(model, x[:4], labels), seeded_log_prob(loaded, x[:4], labels)
     )
+
+
+# -- the probability-flow ODE likelihood ---------------------------------------------------------
+def test_ode_schedule_meets_the_discrete_one_at_every_step() -> None:
+    """abar(tau) equals abar_t at integer tau, and log abar is linear in between, so beta(tau)
+    is constant on each interval (t - 1, t]: -log(1 - beta_t)."""
+    model = make_model(randomize=False)
+    T = model.hparams.timesteps
+    t = torch.arange(0, T + 1).double()
+    abar, _ = model.ode_schedule(t)
+    torch.testing.assert_close(abar.float(), model.abar, rtol=1e-5, atol=1e-7)
+    tau = torch.tensor([2.25, 2.5, 2.75], dtype=torch.float64)
+    abar, beta = model.ode_schedule(tau)
+    log_abar = abar.log()
+    assert beta[0] == beta[1] == beta[2]
+    torch.testing.assert_close(log_abar[1] - log_abar[0], log_abar[2] - log_abar[1])
+    torch.testing.assert_close(beta[0].float(), -torch.log1p(-model.betas[3]))
+
+
+class GaussianDataEps(nn.Module):
+    """E[eps | x_tau] for data N(0, c^2 I): x_tau ~ N(0, V I), V = abar c^2 + 1 - abar, so
+    eps_hat = sqrt(1 - abar) x / V. A net(x, t, y) for the model's EMA slot, reading the model's
+    continuous abar(tau)."""
+
+    def __init__(self, model: Diffusion, c2: float) -> None:
+        super().__init__()
+        self.model, self.c2 = [model], c2  # a list: not a submodule
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        abar, _ = self.model[0].ode_schedule(t)
+        abar = abar[:, None, None, None].to(x.dtype)
+        return (1 - abar).sqrt() * x / (abar * self.c2 + 1 - abar)
+
+
+@pytest.mark.parametrize("t_min", [1.0, 0.5])
+def test_ode_log_density_of_gaussian_data_is_its_analytic_density(t_min: float) -> None:
+    """With the exact eps of N(0, c^2 I) data the probability-flow ODE is linear and x scales as
+    sqrt(V(tau)); from x_T ~ N(0, I) the model's density at t_min is N(0, V(t_min) / V(T) I).
+    Its Jacobian is a multiple of I, whose trace a Rademacher probe gives exactly."""
+    model = make_model(randomize=False).double()
+    c2 = 0.3
+    model.ema.module = GaussianDataEps(model, c2)
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(6, *SHAPE, generator=g, dtype=torch.float64) * 0.5
+    solver = Solver("dopri5", rtol=1e-9, atol=1e-9)
+    log_p = model.ode_log_density(s, None, t_min=t_min, solver=solver, divergence="hutchinson")
+    abar_min = model.ode_schedule(torch.tensor([t_min], dtype=torch.float64))[0]
+    abar_T = model.abar[-1]
+    var = (1 + abar_min * (c2 - 1)) / (1 + abar_T * (c2 - 1))
+    expected = Normal(0, var.sqrt()).log_prob(s).flatten(1).sum(1)
+    torch.testing.assert_close(log_p, expected, rtol=1e-6, atol=0)
+
+
+def test_ode_scaling_puts_each_level_bin_around_the_training_point() -> None:
+    model = make_model(randomize=False)
+    x, _ = images(8)
+    scale = model.ode_scaling
+    torch.testing.assert_close(scale(x.float() + 0.5), model._scale(x))  # bin centre = data point
+    half = 1 / (LEVELS - 1)
+    torch.testing.assert_close(scale(x.float()), model._scale(x) - half)
+    torch.testing.assert_close(scale(x.float() + 1), model._scale(x) + half)
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+def test_ode_log_prob_is_a_seeded_bound_on_a_discrete_log_probability(conditional: bool) -> None:
+    model = make_model(conditional=conditional)
+    assert model.ode_likelihood
+    x, y = images(4)
+    y = y if conditional else None
+    solver = Solver("dopri5", rtol=1e-2, atol=1e-2)
+    runs = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        runs.append(model.ode_log_prob(x, y, samples=2, solver=solver, divergence="hutchinson"))
+    assert runs[0].shape == (4,) and torch.isfinite(runs[0]).all() and (runs[0] <= 0).all()
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+    if conditional:
+        with pytest.raises(ValueError, match="class-conditional"):
+            model.ode_log_prob(x)

@@ -11,6 +11,12 @@ A family is a `GenerativeModule` subclass in its own file that provides:
   shrink the variance, and evaluation names what follows from it (no looser "k1" bound, the
   conditional marginal an estimate rather than a bound). Exact families ignore it. Validation during
   training uses ``samples=1``; held-out evaluation uses ``eval_samples`` (an hparam, default 1);
+- ``ode_log_prob(x, y=None, *, samples=1) -> (n,)`` when ``ode_likelihood``: a second lower bound
+  on log P(x) of the discrete data (an unbiased estimate of one), of another model the family
+  defines: the continuous-time flow of its probability-flow ODE (diffusion; Song et al. 2021,
+  sec. 4.3). Its ``samples`` are dequantization draws averaged, "terms" of one bound in the
+  sense of ``monte_carlo``. A family whose ``log_prob`` already is an ODE bound (flow matching)
+  leaves it off;
 - ``encode(x, y=None) -> latent (B, ...)`` and its inverse ``decode(z, y=None) -> uint8 images``
   when ``has_latent``;
 - ``energy(x, y=None) -> (B,)`` when ``has_energy`` (lower = more likely; with y=None the energy
@@ -53,6 +59,8 @@ class GenerativeModule(L.LightningModule):
     monte_carlo: ClassVar[MonteCarlo] = "importance"  # what `samples` are, for a bound
     has_latent: ClassVar[bool] = False
     has_energy: ClassVar[bool] = False
+    # Whether the family also offers `ode_log_prob`, the bound of its probability-flow ODE.
+    ode_likelihood: ClassVar[bool] = False
     # Whether a training step leaves some parameters without a gradient in a backward pass (a
     # GAN's alternating updates): DDP must then look for unused parameters, which costs a graph
     # traversal per step, so only such families ask for it.
