@@ -64,7 +64,7 @@ BOUND_CHUNK_PIXELS = 8 * 8
 # - where its solve starts, in steps: t_min 0.25, 0.5, 1, 2 scored 94.4, 94.7, 96.0, 96.0 nats
 #   (+- 0.8; same draws), so 0.5, half a step below the network's trained times;
 # - its solver: dopri5 at 1e-4, within 0.01 nats on average (0.15 at most) of 1e-5 for ~380
-#   evaluations, ~140 ms an image; 1e-3 was 1.7 nats optimistic on average, 1e-2 0.4 pessimistic;
+#   evaluations, 110-140 ms an image; 1e-3 was 1.7 nats optimistic on average, 1e-2 0.4 pessimistic;
 # - its trace: Hutchinson's (an exact one costs 64 backward passes per evaluation at 8x8).
 ODE_T_MIN = 0.5
 ODE_SOLVER = Solver("dopri5", rtol=1e-4, atol=1e-4)
