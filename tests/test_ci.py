@@ -134,7 +134,10 @@ def test_ci_profile_is_valid_params_and_trains_every_family_tiny(tmp_path: Path)
     done = script(CI_TRAIN, "--params-only", "--params", str(params), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     merged = load_params(params)  # genlab's strict validation of every key
-    assert set(merged.families) == set(MODELS)
+    # Registered, not in the default run yet: flow matching's evaluation solves an ODE per
+    # scored image, draw and class, which the default run's time on 2 cores cannot hold yet.
+    pending = {"flow_matching"}
+    assert set(merged.families) == set(MODELS) - pending
     profile = yaml.safe_load(PROFILE.read_text())
     assert "families" not in profile  # every family params.yaml lists, even a new one
     assert set(profile["models"]) == set(MODELS), "give each family a tiny entry in the profile"
