@@ -66,6 +66,7 @@ def tiny(tiny_vae_kwargs: dict) -> dict[str, dict]:
             "sample_steps": 5,
             "val_samples": 2,
             "eval_samples": 3,
+            "ode_images": 4,
         },
         "flow_matching": {"channels": 8, "sample_steps": 2, "val_images": 8},
     }

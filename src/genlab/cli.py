@@ -26,7 +26,8 @@ conversion); a colour image is an error, never converted to grey. For RGB data a
 is taken as R = G = B. Transparent pixels are an error (their colour is undefined).
 
 Scores (genlab.evaluation.predict.score_images): log p(x) in nats, exact or a lower bound with
-`prediction.bound_samples` Monte Carlo draws, or -E(x) for an energy model; a conditional family
+`prediction.bound_samples` Monte Carlo draws (flow matching: its own `prediction_samples`
+ODE solves), or -E(x) for an energy model; a conditional family
 marginalises the label, p(x) = sum_y p(x | y) p(y), with p(y) the train split's class frequencies.
 
 Verdict: the statistic `prediction.statistic` (log p(x) itself, or the typicality

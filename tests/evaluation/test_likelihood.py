@@ -136,10 +136,39 @@ def test_likelihood_metrics_keys_and_standard_errors(tiny: dict) -> None:
     k1 = v.single_draw_key("test")
     assert set(both) == bound_keys | {k1, v.se(k1)}
     # Diffusion's draws are terms of one bound: one term is the same bound, only noisier.
-    diffusion = Diffusion(image_shape=(1, 8, 8), levels=17, num_classes=10, **tiny["diffusion"])
+    no_ode = tiny["diffusion"] | {"ode_images": 0}
+    diffusion = Diffusion(image_shape=(1, 8, 8), levels=17, num_classes=10, **no_ode)
     assert diffusion.monte_carlo == "terms" and diffusion.eval_samples > 1
     terms = likelihood_metrics(diffusion, test, split="test", batch_size=2, seed=0)
     assert set(terms) == bound_keys
+
+
+def test_the_ode_bound_is_reported_beside_the_family_bound_on_the_first_images(
+    tiny: dict,
+) -> None:
+    """Diffusion's probability-flow ODE bound: on the first `ode_images` images, under its own
+    names, with the paired difference from the chain's bound on the same images."""
+    kw = {"image_shape": (1, 8, 8), "levels": 17, "num_classes": 10}
+    diffusion = Diffusion(**kw, **tiny["diffusion"] | {"ode_images": 3})
+    test = random_split(5, (1, 8, 8), 17, 1)
+    metrics = likelihood_metrics(diffusion, test, split="test", batch_size=2, seed=0)
+    nll, bpd = v.ode_keys("test")
+    assert metrics[v.ODE_IMAGES] == 3 and v.ode_nll_key("test") == nll
+    vlb = per_image_nll(diffusion, test, batch_size=2, seed=0, samples=diffusion.eval_samples)
+    first = Split(x=test.x[:3], y=test.y[:3])
+    ode = per_image_nll(diffusion, first, batch_size=2, seed=0, ode=True)
+    assert torch.isfinite(ode).all() and not torch.equal(ode, vlb[:3])
+    assert metrics[nll] == pytest.approx(float(ode.mean()))
+    assert metrics[v.se(nll)] == pytest.approx(float(ode.std() / math.sqrt(3)))
+    assert metrics[bpd] == pytest.approx(metrics[nll] / (64 * math.log(2)))
+    difference = ode - vlb[:3]
+    assert metrics[v.ode_difference_key("test")] == pytest.approx(float(difference.mean()))
+    assert metrics[v.se(v.ode_difference_key("test"))] == pytest.approx(
+        float(difference.std() / math.sqrt(3))
+    )
+    # More images asked for than scored: all of them, no more.
+    capped = Diffusion(**kw, **tiny["diffusion"] | {"ode_images": 50})
+    assert likelihood_metrics(capped, first, split="test", batch_size=2, seed=0)[v.ODE_IMAGES] == 3
 
 
 def test_the_gap_is_heldout_minus_as_many_training_images() -> None:
@@ -200,7 +229,10 @@ def test_bound_metrics_are_per_image_bounds_with_their_standard_errors(
     assert metrics[v.NLL_GAP] == pytest.approx(mean - seen, rel=1e-9)
     assert metrics[v.se(v.NLL_GAP)] == pytest.approx(math.hypot(error, seen_error), rel=1e-9)
     keys = {nll, bpd, v.NLL_GAP} | ({k1} if draws_tighten else set())
-    assert set(metrics) == keys | {v.se(k) for k in keys}
+    if model.ode_images:  # diffusion's probability-flow ODE bound (its own test above)
+        keys |= {*v.ode_keys("val"), v.ode_difference_key("val")}
+    extra = {v.ODE_IMAGES} if model.ode_images else set()
+    assert set(metrics) == keys | {v.se(k) for k in keys} | extra
 
 
 def test_train_subset_is_a_seeded_draw_without_replacement() -> None:

@@ -19,6 +19,7 @@ from genlab.evaluation.ood import calibrate, ood_sets
 from genlab.evaluation.predict import accuracy, log_prior, posterior, score_images, scorer
 from genlab.models import MODELS
 from genlab.models.base import GenerativeModule
+from genlab.models.ode import Solver
 
 
 class PixelCategorical(GenerativeModule):
@@ -283,6 +284,30 @@ def test_a_shortlist_rescores_the_best_classes_with_every_draw(tiny: dict[str, d
     assert torch.equal(
         score_images(exact, x, shortlist=2, **kw).joint, score_images(exact, x, **kw).joint
     )
+
+
+def test_flow_matching_scores_with_its_own_draws_and_solver_and_no_shortlist(
+    tiny: dict[str, dict],
+) -> None:
+    """A family whose draws are ODE solves scores prediction with its `prediction_samples`
+    draws, not the protocol's, at its `prediction_rtol`: every class of an image on the same
+    draws and probes, and no screening (a fifth of one draw is none)."""
+    kwargs = tiny["flow_matching"] | {"conditional": True, "prediction_samples": 2}
+    kwargs |= {"prediction_rtol": 0.1, "prediction_atol": 0.1}
+    torch.manual_seed(0)
+    model = MODELS["flow_matching"](image_shape=(1, 8, 8), levels=17, num_classes=3, **kwargs)
+    model.eval()
+    x = torch.randint(17, (4, 1, 8, 8), dtype=torch.uint8)
+    prior = torch.tensor([0.2, 0.3, 0.5]).log().double()
+    scores = score_images(model, x, log_prior=prior, samples=30, batch_size=4, seed=5, shortlist=2)
+    assert model.prediction_samples(30) == 2
+    solver = Solver("dopri5", rtol=0.1, atol=0.1)
+    columns = []
+    for k in range(3):
+        with torch.random.fork_rng():
+            torch.manual_seed(5)
+            columns.append(model.bound(x, torch.full((4,), k), 2, solver=solver).mean.double())
+    assert torch.allclose(scores.joint, torch.stack(columns, 1) + prior)
 
 
 @pytest.mark.parametrize("shortlist", [3, None])

@@ -79,6 +79,10 @@ def synthetic_metrics(family: str, conditional: bool, fid: float) -> dict[str, f
         nats = 80.0 + FAMILIES.index(family)
         m |= {v.nll_key("test", cls.likelihood): nats, v.se(v.nll_key("test", cls.likelihood)): 0.3}
         m |= {v.NLL_GAP: 2.0, v.se(v.NLL_GAP): 0.5}
+        if cls.ode_likelihood:
+            m |= {v.ode_nll_key("test"): 94.7, v.se(v.ode_nll_key("test")): 1.5}
+            m |= {v.ode_difference_key("test"): 7.3, v.se(v.ode_difference_key("test")): 0.5}
+            m |= {v.ODE_IMAGES: 64.0}
         if conditional:
             estimate = cls.monte_carlo == "terms"
             key = v.nll_key("test", cls.likelihood, marginal=True, estimate=estimate)
@@ -245,6 +249,25 @@ def test_summary_ranks_with_ties_and_reads_families_against_the_baselines() -> N
     assert "**vae** (FID 2.000 [1.900, 2.100]): above held-out real images." in summary
     for name in (COPYCAT, HELDOUT, REAL):
         assert f"*{name}*" in rows
+
+
+def test_the_ode_likelihood_is_a_table_of_its_own_beside_the_family_bound() -> None:
+    families = family_rows(make_params())
+    summary = summary_of(families)
+    lines = summary.splitlines()
+    ode = [line for line in lines if line.startswith("| diffusion |") and "94.70" in line]
+    assert len(ode) == 1
+    # ≤ 94.70 [91.76, 97.64] nats, its bits/dim, the paired difference, the images.
+    assert "≤ 94.70 [91.76, 97.64]" in ode[0] and "7.30 [6.32, 8.28]" in ode[0]
+    assert ode[0].endswith("| 64 |") and "ODE bound, nats" in summary
+    # The family's own bound keeps its place in the likelihood table.
+    assert any(line.startswith("| diffusion | lower_bound") for line in lines)
+    # Without an ODE number anywhere, no such table.
+    for r in families:
+        for metrics in r.runs.values():
+            for key in [*v.ode_keys("test"), v.ode_difference_key("test"), v.ODE_IMAGES]:
+                metrics.pop(key, None)
+    assert "ODE bound, nats" not in summary_of(families)
 
 
 def test_seeds_aggregate_to_mean_and_t_interval() -> None:

@@ -161,7 +161,8 @@ def prediction_metrics(
         labelled = score_images(model, splits[heldout].x, what=f"classifying {heldout}", **kw)
 
     def effective(shortlist: int | None) -> int | None:
-        return shortlist if shortlisted(model, params.bound_samples, shortlist) else None
+        draws = model.prediction_samples(params.bound_samples)
+        return shortlist if shortlisted(model, draws, shortlist) else None
 
     reuse = (
         labelled is not None

@@ -23,9 +23,16 @@ class HeldOutNLL(NamedTuple):
 
 @torch.no_grad()
 def per_image_nll(
-    model: GenerativeModule, split: Split, *, batch_size: int, seed: int, samples: int = 1
+    model: GenerativeModule,
+    split: Split,
+    *,
+    batch_size: int,
+    seed: int,
+    samples: int = 1,
+    ode: bool = False,
 ) -> torch.Tensor:
-    """-log p(x | y) (or its bound) of every image of the split, float64 (N,) on the CPU.
+    """-log p(x | y) (or its bound) of every image of the split, float64 (N,) on the CPU; with
+    `ode`, the bound of the family's probability-flow ODE (`ode_log_prob`) instead.
 
     Bounds that use Monte Carlo (the VAE's ELBO/IWAE, a flow's dequantization, diffusion's
     timesteps) take `samples` draws per image from the global generator, seeded here with `seed`
@@ -35,13 +42,15 @@ def per_image_nll(
     if model.likelihood == "none":
         raise ValueError(f"{type(model).__name__} has no likelihood to evaluate")
     model.eval()
+    log_prob = model.ode_log_prob if ode else model.log_prob
+    what = f"{'ODE ' if ode else ''}likelihood ({samples} draws)"
     out = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for i in steps(range(0, len(split), batch_size), f"likelihood ({samples} draws)"):
+        for i in steps(range(0, len(split), batch_size), what):
             x = split.x[i : i + batch_size].to(model.device)
             y = model.labels_for(split.y[i : i + batch_size]) if model.conditional else None
-            out.append(-model.log_prob(x, y, samples=samples).double().cpu())
+            out.append(-log_prob(x, y, samples=samples).double().cpu())
     return torch.cat(out)
 
 
@@ -51,8 +60,13 @@ def heldout_nll(
     """Sum -log p(x | y) over the split, then divide by its size (never a mean of batch means),
     with the standard error over images."""
     nats = per_image_nll(model, split, batch_size=batch_size, seed=seed, samples=samples)
+    return summary(nats, model.dims)
+
+
+def summary(nats: torch.Tensor, dims: int) -> HeldOutNLL:
+    """Per-image NLLs (N,) -> their mean, its standard error over images and bits/dim."""
     mean, error = mean_and_se(nats)
-    return HeldOutNLL(nats=mean, se=error, bpd=float(bits_per_dim(mean, model.dims)), n=len(nats))
+    return HeldOutNLL(nats=mean, se=error, bpd=float(bits_per_dim(mean, dims)), n=len(nats))
 
 
 def subset(split: Split, n: int | None, seed: int) -> Split:
@@ -85,24 +99,43 @@ def likelihood_metrics(
     flow), a looser bound. A bound whose draws are terms of one fixed bound (diffusion) does
     not: one term per image estimates the same bound, only more noisily, which the standard
     error already says. With `train`, the gap: held-out NLL minus the NLL of as many training
-    images (`memo/nll_gap_nats`, > 0 when the model prefers its training images)."""
+    images (`memo/nll_gap_nats`, > 0 when the model prefers its training images).
+
+    A family with an ODE likelihood (`ode_images` > 0: diffusion's probability-flow ODE) adds
+    that bound on the first `ode_images` of the images (one draw each: every image is an ODE
+    solve), under its own name, with its difference from the family's own bound on the same
+    images (paired, so its standard error is that of the difference)."""
     kw = {"batch_size": batch_size, "seed": seed}
-    result = heldout_nll(model, heldout, samples=model.eval_samples, **kw)
+    nats = per_image_nll(model, heldout, samples=model.eval_samples, **kw)
+    result = summary(nats, model.dims)
     nll, bpd = v.nll_key(split, model.likelihood), v.bpd_key(split, model.likelihood)
-    out = {
-        nll: result.nats,
-        v.se(nll): result.se,
-        bpd: result.bpd,
-        v.se(bpd): float(bits_per_dim(result.se, model.dims)),
-    }
+    out = _nll_metrics(result, model.dims, nll, bpd)
     draws_tighten = model.likelihood == "lower_bound" and model.monte_carlo == "importance"
     if draws_tighten and model.eval_samples > 1:
         single = heldout_nll(model, heldout, samples=1, **kw)
         out[v.single_draw_key(split)] = single.nats
         out[v.se(v.single_draw_key(split))] = single.se
+    n_ode = min(model.ode_images, len(heldout))
+    if n_ode:
+        first = Split(x=heldout.x[:n_ode], y=heldout.y[:n_ode])
+        ode = per_image_nll(model, first, ode=True, **kw)
+        out |= _nll_metrics(summary(ode, model.dims), model.dims, *v.ode_keys(split))
+        difference, error = mean_and_se(ode - nats[:n_ode])
+        out |= {v.ode_difference_key(split): difference}
+        out |= {v.se(v.ode_difference_key(split)): error, v.ODE_IMAGES: float(n_ode)}
     if train is not None:
         seen_split = train_subset(train, len(heldout), seed)
         seen = heldout_nll(model, seen_split, samples=model.eval_samples, **kw)
         out[v.NLL_GAP] = result.nats - seen.nats
         out[v.se(v.NLL_GAP)] = (result.se**2 + seen.se**2) ** 0.5
     return out
+
+
+def _nll_metrics(result: HeldOutNLL, dims: int, nll: str, bpd: str) -> dict[str, float]:
+    """A HeldOutNLL as metrics under the names `nll` and `bpd`, each with its standard error."""
+    return {
+        nll: result.nats,
+        v.se(nll): result.se,
+        bpd: result.bpd,
+        v.se(bpd): float(bits_per_dim(result.se, dims)),
+    }

@@ -76,7 +76,8 @@ def score_images(
     """Density scores of images x (uint8 (N, C, H, W)) and, for a conditional family, the
     joint scores of every class.
 
-    A bound uses `samples` Monte Carlo draws per image (ignored by exact and energy families).
+    A bound uses `samples` Monte Carlo draws per image (ignored by exact and energy families),
+    or the family's own number where its draws are costly (`model.prediction_samples`).
     The random draws of batch i come from the global generator seeded with `seed + i` for every
     class alike (common random numbers: the classes of one image are compared on the same noise,
     which is what makes a Monte Carlo bound usable for classification); the caller's random state
@@ -100,6 +101,7 @@ def score_images(
             f"{type(model).__name__} has neither a likelihood nor an energy to score images with"
         )
     model.eval()
+    samples = model.prediction_samples(samples)
     n = x.shape[0]
     prior = log_prior.double().cpu()
     unlabelled = not model.conditional or (not joint and model.scores_without_labels)
@@ -186,4 +188,4 @@ def _score(
     torch.manual_seed(seed)
     if kind == "energy":
         return -model.energy(x, y).double().cpu()
-    return model.log_prob(x, y, samples=samples).double().cpu()
+    return model.prediction_log_prob(x, y, samples=samples).double().cpu()

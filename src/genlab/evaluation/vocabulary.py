@@ -140,6 +140,31 @@ def single_draw_key(split: str) -> str:
     return f"{split}/nll_bound_k1_nats"
 
 
+def ode_nll_key(split: str) -> str:
+    """The bound of a family's probability-flow ODE (`GenerativeModule.ode_log_prob`, diffusion:
+    another model than its chain, on the same network), nats per image, on the first
+    `ode_images` scored images: reported next to the family's own bound, never in its place."""
+    return f"{split}/ode_nll_bound_nats"
+
+
+def ode_bpd_key(split: str) -> str:
+    return f"{split}/ode_bpd_bound"
+
+
+def ode_keys(split: str) -> tuple[str, str]:
+    """The ODE bound's names in nats and in bits/dim."""
+    return ode_nll_key(split), ode_bpd_key(split)
+
+
+def ode_difference_key(split: str) -> str:
+    """The ODE's bound minus the family's own on the same images (paired, nats per image):
+    below 0 where the ODE's model assigns the images more probability."""
+    return f"{split}/ode_nll_minus_nll_nats"
+
+
+# Held-out images the ODE bound was scored on (each a solve: fewer than SCORED_IMAGES).
+ODE_IMAGES = "eval/ode_images"
+
 # ---------------------------------------------------------------- prediction (<split>/, ood/)
 
 

@@ -17,6 +17,9 @@ A family is a `GenerativeModule` subclass in its own file that provides:
   sec. 4.3). Its ``samples`` are dequantization draws averaged, "terms" of one bound in the
   sense of ``monte_carlo``. A family whose ``log_prob`` already is an ODE bound (flow matching)
   leaves it off;
+- ``prediction_log_prob(x, y=None, *, samples=1)`` and ``prediction_samples(requested)``: the
+  estimate of ``log_prob``'s number that OOD detection and Bayes classification score with, and
+  its draws; ``log_prob`` with the protocol's draws unless a family's draws are costly solves;
 - ``encode(x, y=None) -> latent (B, ...)`` and its inverse ``decode(z, y=None) -> uint8 images``
   when ``has_latent``;
 - ``energy(x, y=None) -> (B,)`` when ``has_energy`` (lower = more likely; with y=None the energy
@@ -91,6 +94,27 @@ class GenerativeModule(L.LightningModule):
     def nfe_per_sample(self) -> float:
         """Network evaluations per sampled image (one decoder or generator pass by default)."""
         return 1.0
+
+    @property
+    def ode_images(self) -> int:
+        """Held-out images the evaluation scores `ode_log_prob` on (the family's `ode_images`;
+        0 without an ODE likelihood)."""
+        return int(self.hparams.get("ode_images", 0)) if self.ode_likelihood else 0
+
+    def prediction_samples(self, requested: int) -> int:
+        """Monte Carlo draws per image with which prediction (OOD detection, Bayes
+        classification, `genlab score`) scores a bound: the protocol's `requested`
+        (`prediction.bound_samples`). A family whose every draw is an ODE solve has its own
+        number in its params section (flow matching's `prediction_samples`)."""
+        return requested
+
+    def prediction_log_prob(
+        self, x: torch.Tensor, y: torch.Tensor | None = None, *, samples: int = 1
+    ) -> torch.Tensor:
+        """log p(x | y) (or its bound) as prediction scores images with it: `log_prob`. A
+        family whose every draw is an ODE solve may estimate the same bound with a looser
+        solver (flow matching's `prediction_rtol`), named in its params section."""
+        return self.log_prob(x, y, samples=samples)
 
     @property
     def conditional(self) -> bool:

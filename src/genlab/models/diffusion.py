@@ -177,6 +177,7 @@ class Diffusion(GenerativeModule):
         ema_decay: Annotated[float, Ge(0), Lt(1)] = 0.999,  # EMA of the weights (after warmup)
         val_samples: Annotated[int, Ge(1)] = 2,  # bound terms per image in validation
         eval_samples: Annotated[int, Ge(1)] = 50,  # bound terms per image for the test bound
+        ode_images: Annotated[int, Ge(0)] = 64,  # held-out images of the ODE bound (0: none)
         lr: Annotated[float, Gt(0)] = 2e-3,  # AdamW learning rate
         weight_decay: Annotated[float, Ge(0)] = 0.0,  # AdamW decoupled weight decay
     ) -> None:

@@ -91,7 +91,10 @@ class FlowMatching(GenerativeModule):
     Hutchinson probe's sd ~6 nats an image; the exact trace would cost ~30 times more);
     sampling 2.2 ms an image in batches of 250 (Heun, 10 steps, 20 evaluations: 94.7% of the
     pixels those of a 1e-5 dopri5 solve, against 87% for Euler with 20 steps; dopri5 at 1e-3:
-    96%, 62 evaluations, 7.4 ms); encode + decode 11 ms, 99.0% of the pixels back.
+    96%, 62 evaluations, 7.4 ms); encode + decode 11 ms, 99.0% of the pixels back. Those
+    numbers are the conditional model's; the default is unconditional (prediction would solve
+    one ODE per class): in the full pipeline (2026-12-05) training 72 s, evaluation 78 s, test
+    bound 91.3 +- 0.5 nats, FID 7.7 [6.0, 9.3] at 20 passes a sample.
     """
 
     likelihood = "lower_bound"
@@ -113,7 +116,7 @@ class FlowMatching(GenerativeModule):
         blocks_per_level: Annotated[int, Ge(1)] = 1,  # residual blocks per resolution and path
         dropout: Annotated[float, Ge(0), Lt(1)] = 0.0,  # dropout inside residual blocks
         sigma_min: Annotated[float, Ge(0), Lt(1)] = 0.0,  # path's std at t = 1 (0: rectified)
-        conditional: bool = True,  # model p(x | y) instead of p(x)
+        conditional: bool = False,  # model p(x | y) instead of p(x)
         p_uncond: Annotated[float, Ge(0), Le(1)] = 0.1,  # label dropout for guidance (conditional)
         sampler: Sampler = "heun",  # ODE solver of sample: euler | heun (sample_steps) | dopri5
         sample_steps: Annotated[int, Ge(1)] = 10,  # steps of the euler and heun samplers
@@ -127,6 +130,9 @@ class FlowMatching(GenerativeModule):
         val_images: Annotated[int, Ge(1)] = 32,  # validation bound on the split's first images
         ema_decay: Annotated[float, Ge(0), Lt(1)] = 0.999,  # EMA of the weights (after warmup)
         eval_samples: Annotated[int, Ge(1)] = 1,  # dequantization draws of the test bound
+        prediction_samples: Annotated[int, Ge(1)] = 1,  # draws per image where prediction scores
+        prediction_rtol: Annotated[float, Gt(0)] = 5e-2,  # prediction's dopri5: relative tolerance
+        prediction_atol: Annotated[float, Gt(0)] = 5e-2,  # prediction's dopri5: absolute tolerance
         lr: Annotated[float, Gt(0)] = 4e-3,  # AdamW learning rate
         weight_decay: Annotated[float, Ge(0)] = 0.0,  # AdamW decoupled weight decay
     ) -> None:
@@ -216,15 +222,29 @@ class FlowMatching(GenerativeModule):
 
     @property
     def nfe_per_sample(self) -> float:
-        """Network passes per sampled image: steps x evaluations per step x passes for euler and
-        heun; for dopri5, whose steps adapt, the mean measured over this model's dopri5 `sample`
-        calls (NaN before the first: nothing measured yet)."""
+        """Network passes per sampled image with the hparams' settings (`sampling_nfe`)."""
+        return self.sampling_nfe()
+
+    def sampling_nfe(
+        self,
+        *,
+        sampler: Sampler | None = None,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+    ) -> float:
+        """Network passes per image of `sample` with these settings (defaults: the hparams):
+        steps x evaluations per step x passes for euler and heun; for dopri5, whose steps
+        adapt, the mean measured over this model's dopri5 `sample` calls (NaN before the
+        first: nothing measured yet)."""
         hp = self.hparams
-        if hp.sampler == "dopri5":
+        sampler = sampler or hp.sampler
+        if sampler == "dopri5":
             if self._dopri5_images == 0:
                 return math.nan
             return self._dopri5_passes / self._dopri5_images
-        return float(hp.sample_steps * STAGES[hp.sampler] * self._passes(hp.guidance_scale))
+        steps = hp.sample_steps if steps is None else steps
+        w = hp.guidance_scale if guidance_scale is None else guidance_scale
+        return float(steps * STAGES[sampler] * self._passes(w))
 
     def _solver(self, sampler: Sampler, steps: int) -> Solver:
         hp = self.hparams
@@ -366,6 +386,33 @@ class FlowMatching(GenerativeModule):
         Draws and probes come from the global CPU generator: seed it for reproducible numbers
         and common random numbers across the classes an image is scored under."""
         return self.bound(x, self.labels_for(y), samples).mean
+
+    def prediction_samples(self, requested: int) -> int:
+        """`prediction_samples` draws per image where prediction scores it, not the protocol's
+        `requested` (30): each draw here is an ODE solve, ~15 ms an image at 8x8 on 2 CPU
+        cores, and OOD detection alone scores ~3500 images on the digits."""
+        return int(self.hparams.prediction_samples)
+
+    @torch.no_grad()
+    def prediction_log_prob(
+        self, x: torch.Tensor, y: torch.Tensor | None = None, *, samples: int = 1
+    ) -> torch.Tensor:
+        """The bound `log_prob` estimates, as prediction scores images with it (OOD detection,
+        Bayes classification, `genlab score`), from `samples` draws (`prediction_samples`)
+        solved by dopri5 at `prediction_rtol`, `prediction_atol`.
+
+        Measured on the digits' validation split and its OOD sets (2 CPU cores, 2026-12-05,
+        the unconditional model, one draw): dopri5 at 5e-2 cost 13.7 ms an image against 20.9
+        at the likelihood's 1e-2, with the same AUROCs (hflip 0.824/0.823, vflip 0.759/0.761,
+        natural 0.994/0.994) and the mean bound within 0.3 nats of a 1e-4 solve (1.1 nats at
+        most on one image; the Hutchinson probe's sd is ~6). Fixed-step Heun was cheaper but
+        biased by up to 6 nats and told natural images apart worse (8 steps: 4.8 ms, natural
+        0.972; 16 steps: 8.8 ms, 0.988). For classification, the classes of an image share
+        their draws and probes (common random numbers, predict.score_images): one draw gave
+        the conditional model 0.987 accuracy on 150 validation digits, at 10 solves an image."""
+        hp = self.hparams
+        solver = Solver("dopri5", rtol=hp.prediction_rtol, atol=hp.prediction_atol)
+        return self.bound(x, self.labels_for(y), samples, solver=solver).mean
 
     @property
     def encodes_with_labels(self) -> bool:
