@@ -428,7 +428,7 @@ def _likelihood_table(families: list[Row], dims: int) -> list[str]:
     return _table(header, body)
 
 
-def _ode_likelihood_lines(families: list[Row], dims: int) -> list[str]:
+def _ode_likelihood_lines(families: list[Row]) -> list[str]:
     """The bound of each family's probability-flow ODE (diffusion) beside the family's own, on
     the same first images; no lines when no family has one."""
     rows = [r for r in families if math.isfinite(r.estimate(v.ode_nll_key(r.split)).value)]
@@ -436,8 +436,7 @@ def _ode_likelihood_lines(families: list[Row], dims: int) -> list[str]:
         return []
     body = []
     for r in rows:
-        nats = r.estimate(v.ode_nll_key(r.split))
-        bpd = Estimate(*(x / (dims * math.log(2)) for x in nats))
+        nats, bpd = (r.estimate(key) for key in v.ode_keys(r.split))
         difference = r.estimate(v.ode_difference_key(r.split))
         images = r.estimate(v.ODE_IMAGES).value
         body.append(
@@ -671,7 +670,7 @@ def summary_markdown(
         "bounds them), the n behind every interval here, in OOD detection and in classification.",
         "",
         *_likelihood_table(families, dims),
-        *_ode_likelihood_lines(families, dims),
+        *_ode_likelihood_lines(families),
         "",
         "## Out-of-distribution detection",
         "",
