@@ -277,6 +277,10 @@ def test_a_shortlist_rescores_the_best_classes_with_every_draw(tiny: dict[str, d
     out = torch.minimum(screen.joint, lowest)
     assert torch.allclose(short.joint[~kept], out[~kept])
     assert torch.equal(short.log_px, torch.logsumexp(short.joint, dim=1))
+    # The same pass gives detection's estimate (a shortlist of one) from the same draws.
+    alone = score_images(model, x, shortlist=1, joint=False, **kw)
+    assert torch.equal(short.log_px_top1, alone.log_px) and alone.log_px_top1 is None
+    assert full.log_px_top1 is None
     # Everything kept, or a family whose score draws nothing: the full scores.
     assert torch.equal(score_images(model, x, shortlist=10, **kw).joint, full.joint)
     probs = torch.full((10, 64, 17), 1 / 17)
@@ -313,11 +317,22 @@ def test_flow_matching_scores_with_its_own_draws_and_no_shortlist(
 
 @pytest.mark.parametrize("shortlist", [3, None])
 def test_detection_gives_the_best_class_every_draw_and_classification_the_shortlist(
-    shortlist: int | None, tiny: dict[str, dict], prepared_digits: Path
+    shortlist: int | None,
+    tiny: dict[str, dict],
+    prepared_digits: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """OOD detection thresholds log p(x) with the most likely class alone rescored
     (`detection_shortlist`: 1), classification keeps the params' shortlist; `shortlist: null`
-    scores every class with every draw for both."""
+    scores every class with every draw for both. Either way the held-out split is scored once:
+    the classifying pass gives detection's estimate too."""
+    passes: list[str] = []
+
+    def counted_pass(*args, what: str, **kwargs):
+        passes.append(what)
+        return score_images(*args, what=what, **kwargs)
+
+    monkeypatch.setattr("genlab.evaluation.evaluate.score_images", counted_pass)
     kwargs = tiny["vae"] | {"conditional": True}
     torch.manual_seed(0)
     model = MODELS["vae"](image_shape=(1, 8, 8), levels=17, num_classes=10, **kwargs).eval()
@@ -327,6 +342,7 @@ def test_detection_gives_the_best_class_every_draw_and_classification_the_shortl
     params = PredictionParams(bound_samples=10, shortlist=shortlist, ood_sets=["hflip"])
     protocol = EvaluateParams(batch_size=30)
     metrics = prediction_metrics(model, splits, heldout="test", params=params, protocol=protocol)
+    assert passes == ["classifying test", "scoring val", "scoring OOD hflip"]
     kw = {
         "log_prior": log_prior(splits["train"].y, 10),
         "samples": 10,

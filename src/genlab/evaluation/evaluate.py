@@ -154,8 +154,8 @@ def prediction_metrics(
         return score_images(model, x, what=what, **detect).log_px
 
     # Classification and the marginal need the joint scores of every class; a family that
-    # needs its labels to score marginalises those for detection too (no second pass), unless
-    # detection shortlists differently.
+    # needs its labels to score marginalises those for detection too (no second pass): with
+    # detection's own shortlist of one where it shortlists differently (the same draws).
     labelled = None
     if model.conditional:
         labelled = score_images(model, splits[heldout].x, what=f"classifying {heldout}", **kw)
@@ -164,12 +164,14 @@ def prediction_metrics(
         draws = model.prediction_samples(params.bound_samples)
         return shortlist if shortlisted(model, draws, shortlist) else None
 
-    reuse = (
-        labelled is not None
-        and not model.scores_without_labels
-        and effective(params.shortlist) == effective(detect["shortlist"])
-    )
-    held = labelled.log_px if reuse else density(splits[heldout].x, f"scoring {heldout}")
+    held = None
+    if labelled is not None and not model.scores_without_labels:
+        if effective(params.shortlist) == effective(detect["shortlist"]):
+            held = labelled.log_px
+        elif detect["shortlist"] == 1:
+            held = labelled.log_px_top1
+    if held is None:
+        held = density(splits[heldout].x, f"scoring {heldout}")
     val = held if heldout == "val" else density(splits["val"].x, "scoring val")
     sets = ood_sets(params.ood_sets, splits[heldout].x, model.levels, protocol.seed)
     outside = {name: density(x, f"scoring OOD {name}") for name, x in sets.items()}

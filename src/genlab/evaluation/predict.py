@@ -48,6 +48,10 @@ def log_prior(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
 class Scores(NamedTuple):
     log_px: torch.Tensor  # (N,) float64: log p(x) nats (or its bound), -E(x) for an energy model
     joint: torch.Tensor | None  # (N, K) float64: log p(x, y=k) (+ log Z), conditional families
+    # (N,) float64: the log p(x) a shortlist of one would give, from the same draws (the best
+    # class is the first of a longer shortlist, its all-draw score the same numbers); set where
+    # a shortlist of more than one class was used, else None
+    log_px_top1: torch.Tensor | None = None
 
 
 def posterior(joint: torch.Tensor) -> torch.Tensor:
@@ -105,7 +109,7 @@ def score_images(
     n = x.shape[0]
     prior = log_prior.double().cpu()
     unlabelled = not model.conditional or (not joint and model.scores_without_labels)
-    log_px, joints = [], []
+    log_px, joints, top1 = [], [], []
     devices = [model.device.index or 0] if model.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         for i, start in enumerate(steps(range(0, n, batch_size), what)):
@@ -113,10 +117,16 @@ def score_images(
             if unlabelled:
                 log_px.append(_score(model, kind, xb, None, samples, seed + i))
                 continue
-            jb = _joint(model, kind, xb, prior, samples, seed + i, shortlist)  # (b, K)
+            jb, best = _joint(model, kind, xb, prior, samples, seed + i, shortlist)  # (b, K)
             joints.append(jb)
             log_px.append(torch.logsumexp(jb, dim=1))
-    return Scores(log_px=torch.cat(log_px), joint=None if unlabelled else torch.cat(joints))
+            if best is not None:
+                top1.append(torch.logsumexp(best, dim=1))
+    return Scores(
+        log_px=torch.cat(log_px),
+        joint=None if unlabelled else torch.cat(joints),
+        log_px_top1=torch.cat(top1) if top1 else None,
+    )
 
 
 SCREEN_FRACTION = 5  # a shortlist screen spends samples // SCREEN_FRACTION draws per class
@@ -153,8 +163,11 @@ def _joint(
     samples: int,
     seed: int,
     shortlist: int | None,
-) -> torch.Tensor:
-    """log p(x, y=k) (or -E(x, k)) of one batch for every class k, (B, K) float64 on the CPU."""
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(x, y=k) (or -E(x, k)) of one batch for every class k, (B, K) float64 on the CPU,
+    and, where a shortlist of more than one class was used, the joint scores a shortlist of one
+    would have given (the same draws: the screen and the best class's all-draw score are the
+    same computations with the same seed), else None."""
     b, classes = x.shape[0], model.num_classes
 
     def column(y: torch.Tensor, draws: int) -> torch.Tensor:
@@ -163,16 +176,24 @@ def _joint(
     screen = samples // SCREEN_FRACTION
     if not shortlisted(model, samples, shortlist):
         joint = torch.stack([column(torch.full((b,), k), samples) for k in range(classes)], 1)
-        return joint + prior if kind == "likelihood" else joint
-    joint = torch.stack([column(torch.full((b,), k), screen) for k in range(classes)], 1) + prior
+        return (joint + prior if kind == "likelihood" else joint), None
+    screened = torch.stack([column(torch.full((b,), k), screen) for k in range(classes)], 1)
+    screened = screened + prior
     assert shortlist is not None  # shortlisted
-    top = joint.topk(shortlist, dim=1).indices  # (b, shortlist)
-    rows = torch.arange(b)
+    top = screened.topk(shortlist, dim=1).indices  # (b, shortlist), best first
     refined = torch.stack([column(top[:, j], samples) for j in range(shortlist)], 1)
     refined = refined + prior[top]
+    best = _rescored(screened, top[:, :1], refined[:, :1]) if shortlist > 1 else None
+    return _rescored(screened, top, refined), best
+
+
+def _rescored(screened: torch.Tensor, top: torch.Tensor, refined: torch.Tensor) -> torch.Tensor:
+    """The screening scores (B, K) with the shortlisted classes `top` (B, S) set to their
+    `refined` scores (B, S) and every other class capped at the lowest of those, so that a
+    screened-out class never outranks one that passed."""
     floor = refined.min(dim=1, keepdim=True).values
-    joint = torch.minimum(joint, floor)  # screened out: never above a shortlisted class
-    joint[rows[:, None], top] = refined
+    joint = torch.minimum(screened, floor)
+    joint[torch.arange(len(top))[:, None], top] = refined
     return joint
 
 
