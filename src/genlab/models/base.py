@@ -14,7 +14,8 @@ A family is a `GenerativeModule` subclass in its own file that provides:
 - ``ode_log_prob(x, y=None, *, samples=1) -> (n,)`` when ``ode_likelihood``: a second lower bound
   on log P(x) of the discrete data (an unbiased estimate of one), of another model the family
   defines: the continuous-time flow of its probability-flow ODE (diffusion; Song et al. 2021,
-  sec. 4.3). Its ``samples`` are dequantization draws averaged, "terms" of one bound in the
+  sec. 4.3). Its ``samples`` are dequantization draws averaged (for diffusion, draws of x_1 from
+  the forward process's first step, read by the chain's decoder), "terms" of one bound in the
   sense of ``monte_carlo``. A family whose ``log_prob`` already is an ODE bound (flow matching)
   leaves it off;
 - ``prediction_log_prob(x, y=None, *, samples=1)`` and ``prediction_samples(requested)``: the
