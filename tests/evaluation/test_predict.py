@@ -315,17 +315,20 @@ def test_flow_matching_scores_with_its_own_draws_and_no_shortlist(
     assert torch.allclose(scores.joint, torch.stack(columns, 1) + prior)
 
 
+@pytest.mark.parametrize("classification", [None, 20])
 @pytest.mark.parametrize("shortlist", [3, None])
 def test_detection_gives_the_best_class_every_draw_and_classification_the_shortlist(
     shortlist: int | None,
+    classification: int | None,
     tiny: dict[str, dict],
     prepared_digits: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """OOD detection thresholds log p(x) with the most likely class alone rescored
     (`detection_shortlist`: 1), classification keeps the params' shortlist; `shortlist: null`
-    scores every class with every draw for both. Either way the held-out split is scored once:
-    the classifying pass gives detection's estimate too."""
+    scores every class with every draw for both. Where both take the same draws the held-out
+    split is scored once, the classifying pass giving detection's estimate too; with their own
+    `classification_samples` Bayes' rule takes those and detection scores the split again."""
     passes: list[str] = []
 
     def counted_pass(*args, what: str, **kwargs):
@@ -339,10 +342,16 @@ def test_detection_gives_the_best_class_every_draw_and_classification_the_shortl
     meta = read_meta(prepared_digits)
     splits = {s: load_split(prepared_digits, s, meta) for s in ("train", "val", "test")}
     splits = {s: type(split)(x=split.x[:30], y=split.y[:30]) for s, split in splits.items()}
-    params = PredictionParams(bound_samples=10, shortlist=shortlist, ood_sets=["hflip"])
+    params = PredictionParams(
+        bound_samples=10,
+        classification_samples=classification,
+        shortlist=shortlist,
+        ood_sets=["hflip"],
+    )
     protocol = EvaluateParams(batch_size=30)
     metrics = prediction_metrics(model, splits, heldout="test", params=params, protocol=protocol)
-    assert passes == ["classifying test", "scoring val", "scoring OOD hflip"]
+    again = [] if classification is None else ["scoring test"]
+    assert passes == ["classifying test", *again, "scoring val", "scoring OOD hflip"]
     kw = {
         "log_prior": log_prior(splits["train"].y, 10),
         "samples": 10,
@@ -357,7 +366,8 @@ def test_detection_gives_the_best_class_every_draw_and_classification_the_shortl
     threshold = calibrate(val, params.statistic, params.fpr).threshold
     assert metrics[v.OOD_THRESHOLD] == pytest.approx(threshold, rel=1e-12)
     assert metrics[v.auroc("hflip")] == pytest.approx(auroc_of(held, outside), rel=1e-12)
-    joint = score_images(model, splits["test"].x, shortlist=shortlist, **kw).joint
+    classify = kw | {"samples": 10 if classification is None else classification}
+    joint = score_images(model, splits["test"].x, shortlist=shortlist, **classify).joint
     assert metrics[v.class_acc("test")] == accuracy(joint, splits["test"].y)
     if shortlist is not None:  # the two estimates differ: detection did not reuse the joint
         assert not torch.equal(held, torch.logsumexp(joint, dim=1))

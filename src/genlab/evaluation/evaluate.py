@@ -134,8 +134,8 @@ def prediction_metrics(
     Metrics: ``ood/auroc_<set>``, ``ood/auroc_typicality_<set>``, ``ood/detected_<set>``,
     ``ood/fpr``, ``ood/threshold``; conditional families add ``<split>/class_acc`` and, with a
     likelihood, the marginal -log sum_y p(x | y) p(y) and its bits/dim (from
-    `params.bound_samples` draws for a bound; an *estimate*, not a bound, where the draws are
-    terms of one bound), each with its interval.
+    `params.classifying_samples` draws for a bound, detection's from `params.bound_samples`; an
+    *estimate*, not a bound, where the draws are terms of one bound), each with its interval.
     """
     kw = {
         "log_prior": log_prior(splits["train"].y, model.num_classes),
@@ -147,6 +147,7 @@ def prediction_metrics(
     confidence = protocol.confidence
 
     detect = kw | {"shortlist": detection_shortlist(params.shortlist), "joint": False}
+    classify = kw | {"samples": params.classifying_samples}
 
     def density(x: torch.Tensor, what: str) -> torch.Tensor:
         # Detection needs log p(x) alone: one score per image where the family scores
@@ -154,19 +155,24 @@ def prediction_metrics(
         return score_images(model, x, what=what, **detect).log_px
 
     # Classification and the marginal need the joint scores of every class; a family that
-    # needs its labels to score marginalises those for detection too (no second pass): with
-    # detection's own shortlist of one where it shortlists differently (the same draws).
+    # needs its labels to score marginalises those for detection too (no second pass) where
+    # both take the same draws: with detection's own shortlist of one where it shortlists
+    # differently.
     labelled = None
     if model.conditional:
-        labelled = score_images(model, splits[heldout].x, what=f"classifying {heldout}", **kw)
+        labelled = score_images(model, splits[heldout].x, what=f"classifying {heldout}", **classify)
 
-    def effective(shortlist: int | None) -> int | None:
-        draws = model.prediction_samples(params.bound_samples)
-        return shortlist if shortlisted(model, draws, shortlist) else None
+    def draws(samples: int) -> int:
+        return model.prediction_samples(samples)
+
+    def effective(shortlist: int | None, samples: int) -> int | None:
+        return shortlist if shortlisted(model, draws(samples), shortlist) else None
 
     held = None
-    if labelled is not None and not model.scores_without_labels:
-        if effective(params.shortlist) == effective(detect["shortlist"]):
+    same_draws = model.likelihood == "exact" or draws(classify["samples"]) == draws(kw["samples"])
+    if labelled is not None and not model.scores_without_labels and same_draws:
+        classified = effective(classify["shortlist"], classify["samples"])
+        if classified == effective(detect["shortlist"], detect["samples"]):
             held = labelled.log_px
         elif detect["shortlist"] == 1:
             held = labelled.log_px_top1
