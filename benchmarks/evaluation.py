@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         n = min(QUICK["num_samples"], int(meta.splits["val"]["n"]))
         protocol = protocol.model_copy(update=QUICK | {"num_samples": n})
-        prediction = prediction.model_copy(update={"bound_samples": 2, "ood_sets": ["noise"]})
+        quick = {"bound_samples": 2, "classification_samples": None, "ood_sets": ["noise"]}
+        prediction = prediction.model_copy(update=quick)
     extractor, measured = measurement(protocol, paths.EVALUATOR, meta)
     with tempfile.TemporaryDirectory(prefix="genlab-evaluation-") as tmp:
         reference_dir = paths.REFERENCE
@@ -95,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
             save_reference(reference, reference_dir, measured)
         print(
             f"seed {seed}: {measured.sample_seeds} sets of {measured.num_samples} samples, "
-            f"{measured.bootstrap} bootstrap draws, {prediction.bound_samples} bound terms, "
+            f"{measured.bootstrap} bootstrap draws, {prediction.bound_samples} bound terms "
+            f"({prediction.classifying_samples} in Bayes' rule), "
             f"OOD sets {', '.join(prediction.ood_sets)}, seconds on {device}"
         )
         header = f"{'family':<10}" + "".join(f"{p:>15}" for p in (*PHASES, "other", "total"))
