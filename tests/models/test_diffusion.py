@@ -384,7 +384,8 @@ class GaussianDataEps(nn.Module):
 @pytest.mark.parametrize("t_min", [1.0, 0.5])
 def test_ode_log_density_of_gaussian_data_is_its_analytic_density(t_min: float) -> None:
     """With the exact eps of N(0, c^2 I) data the probability-flow ODE is linear and x scales as
-    sqrt(V(tau)); from x_T ~ N(0, I) the model's density at t_min is N(0, V(t_min) / V(T) I).
+    sqrt(V(tau)); from N(0, I) at ode_t_max the model's density at t_min is
+    N(0, V(t_min) / V(t_max) I).
     Its Jacobian is a multiple of I, whose trace a Rademacher probe gives exactly."""
     model = make_model(randomize=False).double()
     c2 = 0.3
@@ -394,7 +395,7 @@ def test_ode_log_density_of_gaussian_data_is_its_analytic_density(t_min: float) 
     solver = Solver("dopri5", rtol=1e-9, atol=1e-9)
     log_p = model.ode_log_density(s, None, t_min=t_min, solver=solver, divergence="hutchinson")
     abar_min = model.ode_schedule(torch.tensor([t_min], dtype=torch.float64))[0]
-    abar_T = model.abar[-1]
+    abar_T = model.ode_schedule(torch.tensor([model.ode_t_max], dtype=torch.float64))[0]
     var = (1 + abar_min * (c2 - 1)) / (1 + abar_T * (c2 - 1))
     expected = Normal(0, var.sqrt()).log_prob(s).flatten(1).sum(1)
     torch.testing.assert_close(log_p, expected, rtol=1e-6, atol=0)
