@@ -403,8 +403,8 @@ def test_ode_log_density_of_gaussian_data_is_its_analytic_density(t_min: float) 
 
 def test_ode_log_prob_bounds_a_normalised_distribution_over_the_discrete_images() -> None:
     """Every 2x2 image of 3 levels scored: the bounds' probabilities sum to at most 1 (a bound
-    on a distribution over the 81 images), and not far below it (no term lost: without
-    log q(x_1 | x_0) the sum is ~20x too large, without the decoder far too small). The eps
+    on a distribution over the 81 images), and not far below it (without log q(x_1 | x_0)
+    the sum is ~19x too large). The eps
     network is the exact one of Gaussian data, so the ODE's x_1 has a known, broad density."""
     levels, shape = 3, (1, 2, 2)
     torch.manual_seed(0)

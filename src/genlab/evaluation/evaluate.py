@@ -162,14 +162,13 @@ def prediction_metrics(
     if model.conditional:
         labelled = score_images(model, splits[heldout].x, what=f"classifying {heldout}", **classify)
 
-    def draws(samples: int) -> int:
-        return model.prediction_samples(samples)
-
     def effective(shortlist: int | None, samples: int) -> int | None:
-        return shortlist if shortlisted(model, draws(samples), shortlist) else None
+        draws = model.prediction_samples(samples)
+        return shortlist if shortlisted(model, draws, shortlist) else None
 
     held = None
-    same_draws = model.likelihood == "exact" or draws(classify["samples"]) == draws(kw["samples"])
+    draws = (model.prediction_samples(s) for s in (classify["samples"], detect["samples"]))
+    same_draws = model.likelihood == "exact" or len(set(draws)) == 1
     if labelled is not None and not model.scores_without_labels and same_draws:
         classified = effective(classify["shortlist"], classify["samples"])
         if classified == effective(detect["shortlist"], detect["samples"]):

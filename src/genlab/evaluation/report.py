@@ -453,12 +453,11 @@ def _ode_likelihood_lines(families: list[Row]) -> list[str]:
         "",
         "**The probability-flow ODE's likelihood.** The same network read as a continuous "
         "normalizing flow (Song et al. 2021) from N(0, I) at the family's `ode_horizon` to the "
-        "chain's first step, read out by "
-        "the chain's own decoder: another model than the family's own, bounded with the "
-        "forward process's first step as its dequantizer and a Hutchinson trace, of p(x | y) "
-        "where the family is conditional, on the first *images* scored above (each an ODE "
-        "solve). *ODE − own "
-        "bound*: the difference on those same images, with its paired interval (< 0: the "
+        "chain's first step, read out by the chain's own decoder: another model than the "
+        "family's own, bounded with the forward process's first step as its dequantizer and a "
+        "Hutchinson trace, of p(x | y) where the family is conditional, on the first *images* "
+        "scored above (each an ODE solve). *ODE − own bound*: the difference on those same "
+        "images, with its paired interval (< 0: the "
         "ODE's model gives the images more probability).",
         "",
         *_table(header, body),
