@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from scipy import stats
@@ -16,6 +17,7 @@ from genlab.evaluation.memorisation import (
     cell_distances,
     exact_copies,
     fit_cells,
+    mann_whitney_u,
     memorisation,
     nearest_two,
     nn_memorised,
@@ -132,6 +134,19 @@ def test_zu_known_answer_and_scipy() -> None:
     n, m = 300, 200
     expected = (u - (n * m / 2 - 0.5)) / math.sqrt(n * m * (n + m + 1) / 12)
     assert zu(test, gen) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_mann_whitney_u_is_scipys_with_ties(seed: int) -> None:
+    # Bootstrap draws duplicate points and distances repeat: ties within and across samples.
+    rng = np.random.default_rng(seed)
+    first = rng.integers(0, 12, size=rng.integers(1, 60)).astype(float)
+    second = rng.integers(0, 12, size=rng.integers(1, 60)).astype(float)
+    expected = stats.mannwhitneyu(first, second, method="asymptotic").statistic
+    assert mann_whitney_u(first, second) == expected
+    continuous = rng.normal(size=50), rng.normal(size=37)
+    expected = stats.mannwhitneyu(*continuous, method="asymptotic").statistic
+    assert mann_whitney_u(*continuous) == expected
 
 
 def test_zu_same_and_smaller_distances() -> None:

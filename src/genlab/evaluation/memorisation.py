@@ -35,7 +35,6 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from scipy import stats
 from sklearn.cluster import KMeans
 
 from genlab.evaluation import vocabulary as v
@@ -207,10 +206,20 @@ def zu(test_dist: torch.Tensor, gen_dist: torch.Tensor) -> float:
     variance). Z_U << 0: the samples are closer to the training set than held-out data are
     (copying); >> 0: farther (underfitting)."""
     n, m = len(test_dist), len(gen_dist)
-    u = stats.mannwhitneyu(
-        gen_dist.double().cpu().numpy(), test_dist.double().cpu().numpy(), method="asymptotic"
-    ).statistic
+    u = mann_whitney_u(gen_dist.double().cpu().numpy(), test_dist.double().cpu().numpy())
     return float((u - (n * m / 2 - 0.5)) / math.sqrt(n * m * (n + m + 1) / 12))
+
+
+def mann_whitney_u(first: np.ndarray, second: np.ndarray) -> float:
+    """Mann-Whitney's U of `first` against `second` (1-D float arrays): the pairs (j, i) with
+    first_j > second_i, ties counting one half; `scipy.stats.mannwhitneyu(first,
+    second).statistic`, which the tests check it against. Counted here by binary search in the
+    sorted `second` because scipy's argument handling costs ~0.8 ms a call, and C_T's bootstrap
+    makes ~2500 calls per row (cells x sets x draws): 2.07 s -> 0.2 s a row on 2 cores."""
+    ordered = np.sort(second)
+    below = np.searchsorted(ordered, first, side="left")  # second_i < first_j
+    up_to = np.searchsorted(ordered, first, side="right")  # second_i <= first_j
+    return float(below.sum() + 0.5 * (up_to - below).sum())
 
 
 def c_t(
