@@ -72,6 +72,8 @@ def train_one_step(model: GenerativeModule, x: torch.Tensor, y: torch.Tensor) ->
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=len(x)))
     assert trainer.global_step == 1
+    # models/base.py: every family's Adam/AdamW is fused (one kernel a step, on CPU too).
+    assert all(group["fused"] for opt in trainer.optimizers for group in opt.param_groups)
     after = dict(model.named_parameters())
     assert any(not torch.equal(p, after[n]) for n, p in trainable.items()), "nothing trained"
 

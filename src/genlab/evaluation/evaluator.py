@@ -212,7 +212,7 @@ class EvaluatorModule(L.LightningModule):
             }
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr)
+        optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr, fused=True)
         # Cosine decay to 0 over the whole run, stepped per batch: the later epochs fit finely,
         # which makes the best-validation epoch a far less noisy choice than with a constant lr.
         total_steps = int(self.trainer.estimated_stepping_batches)

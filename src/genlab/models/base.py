@@ -32,6 +32,10 @@ A family is a `GenerativeModule` subclass in its own file that provides:
 Stages, evaluation and tracking speak only this contract. The base class holds what every family
 shares for real: the data geometry, the held-out likelihood metric (summed, then divided), and
 noise drawn from an explicit generator on any device.
+
+Each family's ``configure_optimizers`` builds its Adam/AdamW with ``fused=True``: torch's one-kernel
+update, on CPU too, where the default is a Python loop over the parameters (AdamW step of the
+digits' diffusion U-Net on 2 cores: 0.69 ms fused, 3.26 ms default; PixelCNN 0.71 vs 3.01 ms).
 """
 
 from __future__ import annotations

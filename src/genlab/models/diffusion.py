@@ -708,5 +708,8 @@ class Diffusion(GenerativeModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(
-            self.net.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+            self.net.parameters(),
+            lr=self.hparams.lr,
+            weight_decay=self.hparams.weight_decay,
+            fused=True,
         )

@@ -405,7 +405,10 @@ class EBM(GenerativeModule):
 
     def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         optimiser = torch.optim.Adam(
-            self.net.parameters(), lr=self.hparams.lr, betas=(self.hparams.beta1, 0.999)
+            self.net.parameters(),
+            lr=self.hparams.lr,
+            betas=(self.hparams.beta1, 0.999),
+            fused=True,
         )
         # Cosine decay to 0 over the whole run, stepped per batch: the energy keeps moving while
         # the learning rate is high, and the model kept is the last one.

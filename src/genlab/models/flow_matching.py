@@ -488,5 +488,8 @@ class FlowMatching(GenerativeModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(
-            self.net.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+            self.net.parameters(),
+            lr=self.hparams.lr,
+            weight_decay=self.hparams.weight_decay,
+            fused=True,
         )

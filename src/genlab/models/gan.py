@@ -329,6 +329,10 @@ class GAN(GenerativeModule):
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         betas = (self.hparams.beta1, self.hparams.beta2)
         return [
-            torch.optim.Adam(self.generator.parameters(), lr=self.hparams.lr_g, betas=betas),
-            torch.optim.Adam(self.discriminator.parameters(), lr=self.hparams.lr_d, betas=betas),
+            torch.optim.Adam(
+                self.generator.parameters(), lr=self.hparams.lr_g, betas=betas, fused=True
+            ),
+            torch.optim.Adam(
+                self.discriminator.parameters(), lr=self.hparams.lr_d, betas=betas, fused=True
+            ),
         ]

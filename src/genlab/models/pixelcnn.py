@@ -385,7 +385,10 @@ class PixelCNN(GenerativeModule):
 
     def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         optimiser = torch.optim.AdamW(
-            self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+            self.parameters(),
+            lr=self.hparams.lr,
+            weight_decay=self.hparams.weight_decay,
+            fused=True,
         )
         # Cosine decay to 0 over the whole run, stepped per batch.
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
