@@ -171,7 +171,7 @@ class GAN(GenerativeModule):
     likelihood = "none"
     has_latent = False
     ddp_find_unused_parameters = True  # D's backward leaves G without gradient, and G's D
-    training_defaults: ClassVar[dict[str, int]] = {"max_epochs": 90, "batch_size": 64}
+    training_defaults: ClassVar[dict[str, int]] = {"max_epochs": 60, "batch_size": 64}
 
     def __init__(
         self,
