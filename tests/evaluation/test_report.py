@@ -186,8 +186,14 @@ def test_headline_marks_na_with_the_reason_and_numbers_with_intervals() -> None:
     assert rows["vae"]["classification"].startswith("n/a: unconditional")
     assert rows["flow"]["likelihood"].startswith("≤ 81.00 [80.41, 81.59]")  # bound, +-1.96 se
     assert rows["pixelcnn"]["likelihood"].startswith("80.00 [79.41, 80.59]")  # exact: no ≤
-    # Diffusion's conditional marginal is an estimate (terms): still its headline number.
-    assert rows["diffusion"]["likelihood"].startswith("≤ 90.00")
+    # Diffusion's conditional marginal is an estimate (terms): still its headline number, but
+    # not marked as a bound; its -log p(x | y) in the likelihood table is one.
+    assert rows["diffusion"]["likelihood"].startswith("90.00 [89.41, 90.59]")
+    table = summary_of(family_rows(make_params())).split("## Likelihood")[1]
+    diffusion = next(line for line in table.splitlines() if line.startswith("| diffusion |"))
+    cells = [c.strip() for c in diffusion.split("|")[1:-1]]
+    assert cells[1] == "lower_bound (marginal: estimate)"
+    assert cells[2].startswith("90.00") and cells[3][0].isdigit() and cells[4].startswith("≤ ")
     assert rows["diffusion"]["ood"].startswith("0.800 [0.780, 0.820] (natural)")  # worst set
 
 

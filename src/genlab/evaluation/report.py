@@ -155,6 +155,14 @@ class Row:
             return v.marginal_nll_key(self.split, c.likelihood, c.monte_carlo)
         return v.nll_key(self.split, c.likelihood)
 
+    def likelihood_is_bound(self) -> bool:
+        """Whether `likelihood_key`'s number is an upper bound on the NLL (shown with "≤"): a
+        bound family's, unless it is a marginal that is only an estimate."""
+        c = self.capabilities
+        if c is None or c.likelihood != "lower_bound":
+            return False
+        return not (c.conditional and v.marginal_is_estimate(c.likelihood, c.monte_carlo))
+
 
 def seeds_interval(values: Sequence[float], confidence: float) -> Estimate:
     """Mean of per-seed values with its t interval (k - 1 degrees of freedom)."""
@@ -310,7 +318,7 @@ def _cell(row: Row, question: Question, ood_sets: list[str], ranking: Ranking) -
     e = headline(row, question, ood_sets)
     if not math.isfinite(e.value):
         return f"n/a: not measured (re-run evaluate@{row.name})"
-    bound = question == "likelihood" and row.capabilities.likelihood == "lower_bound"
+    bound = question == "likelihood" and row.likelihood_is_bound()
     text = fmt(e, DIGITS[question], bound=bound)
     if question == "ood":
         worst = worst_ood(row, ood_sets)
@@ -404,12 +412,14 @@ def _likelihood_table(families: list[Row], dims: int) -> list[str]:
             continue
         scored = r.estimate(v.SCORED_IMAGES).value
         c = r.capabilities
-        bound = c.likelihood == "lower_bound"
+        bound = r.likelihood_is_bound()
         key = r.likelihood_key()
         nats = r.estimate(key)
         bpd = Estimate(*(x / (dims * math.log(2)) for x in nats))
         given = (
-            fmt(r.estimate(v.nll_key(r.split, c.likelihood)), 2, bound=bound)
+            fmt(
+                r.estimate(v.nll_key(r.split, c.likelihood)), 2, bound=c.likelihood == "lower_bound"
+            )
             if c.conditional
             else "n/a: unconditional"
         )
@@ -621,8 +631,10 @@ def summary_markdown(
         "A family tied with *held-out real* on FID generates as well as the metric can see; a "
         "family tied with the *copycat* cannot be told from a copy of the training set by FID "
         "alone: read its memorisation column. A family is flagged as copying when its "
-        "memorisation statistics are significantly worse than real new images' (intervals "
-        "apart) or its C_T is significantly below 0.",
+        "memorisation statistics, C_T included, are significantly worse than real new images' "
+        "(intervals apart: real new images can score C_T < 0 themselves, where the reference "
+        "split's writers differ from the training split's), or, with no held-out real row, when "
+        "its C_T is significantly below 0.",
         "",
         "## Rankings",
         "",
