@@ -180,7 +180,8 @@ def test_reasons_follow_the_contract_and_the_conditional_flag_not_the_name() -> 
 
 
 def test_headline_marks_na_with_the_reason_and_numbers_with_intervals() -> None:
-    rows = headline(summary_of(family_rows(make_params())))
+    summary = summary_of(family_rows(make_params()))
+    rows = headline(summary)
     assert rows["gan"]["likelihood"] == "n/a: no likelihood or energy"
     assert rows["pixelcnn"]["representation"] == "n/a: no encoder"
     assert rows["vae"]["classification"].startswith("n/a: unconditional")
@@ -189,7 +190,7 @@ def test_headline_marks_na_with_the_reason_and_numbers_with_intervals() -> None:
     # Diffusion's conditional marginal is an estimate (terms): still its headline number, but
     # not marked as a bound; its -log p(x | y) in the likelihood table is one.
     assert rows["diffusion"]["likelihood"].startswith("90.00 [89.41, 90.59]")
-    table = summary_of(family_rows(make_params())).split("## Likelihood")[1]
+    table = summary.split("## Likelihood")[1]
     diffusion = next(line for line in table.splitlines() if line.startswith("| diffusion |"))
     cells = [c.strip() for c in diffusion.split("|")[1:-1]]
     assert cells[1] == "lower_bound (marginal: estimate)"
