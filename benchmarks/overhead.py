@@ -54,7 +54,7 @@ from genlab.config import Params, parse_params
 from genlab.data.datamodule import epoch_permutation
 from genlab.data.prepared import load_split, prepare
 from genlab.models import MODELS
-from genlab.training import build_model, for_speed, train_family
+from genlab.training import build_model, for_speed, train_family, without_nvml_cuda_check
 
 TARGET = 0.9
 # Dense tensor-core peak, TFLOP/s, for bf16/fp16 (SXM parts; from the vendors' datasheets).
@@ -189,7 +189,9 @@ class HandLoop:
     def epoch(self, epoch: int) -> tuple[float, int]:
         """Train one epoch: (seconds, images)."""
         n = len(self.x)
-        with warnings.catch_warnings(), torch.enable_grad():
+        # A notebook's loop has no Lightning imported, nor the NVML check it sets, which costs
+        # every optimiser step (`without_nvml_cuda_check`; the fit runs without it too).
+        with warnings.catch_warnings(), torch.enable_grad(), without_nvml_cuda_check():
             # training_step's self.log() has no Trainer to log to here: a warning, then a no-op.
             warnings.simplefilter("ignore")
             synchronize(self.device)
