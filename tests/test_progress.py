@@ -14,8 +14,9 @@ import pytest
 import torch
 
 import genlab.progress
-from genlab.config import parse_params
+from genlab.config import EvaluatorParams, TrainerParams, parse_params
 from genlab.data.datasets import Split
+from genlab.evaluation.evaluator import train_evaluator
 from genlab.evaluation.likelihood import per_image_nll
 from genlab.models import MODELS
 from genlab.training import train_family
@@ -175,3 +176,22 @@ def test_the_evaluations_likelihood_reports_progress(tiny: dict, monkeypatch, ca
     assert all(x.startswith("evaluate vae (seed 0): likelihood (1 draws) ") for x in lines)
     shares = [line.split(" draws) ")[1].split(",")[0] for line in lines]
     assert shares == [f"{i}/4 batches ({25 * i}%)" for i in (1, 2, 3, 4, 4)]
+
+
+def test_the_evaluators_training_in_a_log_writes_a_plain_line_with_an_eta(
+    prepared_digits: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """The evaluator's fit (minutes on MNIST) reports like a family's: here every batch of its
+    one epoch (EVERY_S = 0), then the closing line, each with the loss, img/s and the ETA."""
+    monkeypatch.setattr(genlab.progress, "EVERY_S", 0.0)
+    params = EvaluatorParams(max_epochs=1, batch_size=250, width=4, feature_dim=8)
+    train_evaluator(
+        prepared_digits, tmp_path / "e.pt", params=params, trainer=TrainerParams(), seed=0
+    )
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("train evaluator")]
+    line = re.compile(
+        r"^train evaluator: epoch 1/1, batch ([1-4])/4 \(\d+%\), train/loss [\d.e+-]+, "
+        r"\d+ img/s, elapsed \d+:\d\d:\d\d, ETA (\d+:\d\d:\d\d|\?)$"
+    )
+    assert all(line.match(x) for x in lines), lines
+    assert [line.match(x).group(1) for x in lines] == ["1", "2", "3", "4", "4"]

@@ -42,6 +42,13 @@ def wants_bar(stream: TextIO | None = None) -> bool:
     return bool(getattr(stream, "isatty", lambda: False)())
 
 
+def fit_progress(what: str, *, max_steps: int | None = None) -> tuple[bool, list[Callback]]:
+    """How a Lightning fit shows its progress: (`enable_progress_bar`, callbacks). On a
+    terminal Lightning's own bar; elsewhere (DVC, CI, a log) a `ProgressLine` naming `what`."""
+    bar = wants_bar()
+    return bar, [] if bar else [ProgressLine(what, max_steps=max_steps)]
+
+
 def _clock(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"

@@ -38,7 +38,7 @@ from genlab.evaluation.vocabulary import CURVE, NUM_PARAMS, TRAIN_WALL_S, nll_ke
 from genlab.io import copy_file_atomic, write_json_atomic
 from genlab.models import MODELS, GenerativeModule
 from genlab.paths import CURVE_SAMPLES_FILE, MODEL_FILE, RUN_FILE, TRAIN_COST_FILE, run_name
-from genlab.progress import ProgressLine, wants_bar
+from genlab.progress import fit_progress
 from genlab.sync import push_after_stage
 from genlab.tracking import (
     RunRecord,
@@ -501,9 +501,8 @@ def train_family(
     monitor = nll_key("val", model.likelihood) if model.likelihood != "none" else None
     budget = ComputeBudget(max_steps=fp.max_steps, max_flops=tp.budget_flops, monitor=monitor)
     curve = CurveSamples(tp.curve_samples, seed, budget, fp.max_epochs)
-    bar = wants_bar()  # a terminal: Lightning's bar; a log (DVC, CI): a line every 30 s
-    what = f"train {run_name(family, seed)}"
-    progress = [] if bar else [ProgressLine(what, max_steps=fp.max_steps)]
+    # A terminal: Lightning's bar; a log (DVC, CI): a line every 30 s.
+    bar, progress = fit_progress(f"train {run_name(family, seed)}", max_steps=fp.max_steps)
     callbacks = [*callbacks, budget, curve, *own, *progress]
     trainer = L.Trainer(
         max_epochs=fp.max_epochs,
