@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import NamedTuple
 
+import yaml
 from mlflow.tracking import MlflowClient
 
 from genlab import paths
@@ -27,6 +28,16 @@ from genlab.tracking import RunRecord
 PROTOCOL_KEY = v.PROTOCOL
 
 Metrics = dict[str, float]
+
+
+def set_key(raw: dict, dotted: str) -> None:
+    """Apply one `--set a.b.c=value` (the value read as YAML) to the params mapping."""
+    key, _, value = dotted.partition("=")
+    *parents, last = key.split(".")
+    node = raw
+    for part in parents:
+        node = node[part]
+    node[last] = yaml.safe_load(value)
 
 
 class Repro(NamedTuple):

@@ -6,16 +6,25 @@ is never read. The numbers come with their intervals; where the intervals overla
 a tie, and the default stays unless a variant wins outright.
 
 - `vae.latent_dim` 32 / 48 / 64: validation IWAE bound (nats) and linear-probe accuracy;
-- `ebm.noise` 0.01 / 0.05 (training Langevin noise): validation FID and recall;
-- `gan.beta1` 0.0 / 0.5: validation FID and recall;
-- cost trims: `ebm.langevin_steps` 15 / 20, `ebm.max_epochs` 15 / 20, `gan.max_epochs` 60 / 90:
-  validation FID and recall, and each variant's training time;
+- `ebm.noise` 0.01 / 0.05 (training Langevin noise): validation FID, recall and conditional
+  accuracy (as every EBM and GAN choice);
+- `ebm.step_size` 1 / 30 / 100 (the Langevin step; the profiles of larger images need a longer
+  one: a short run from noise must cross more pixels);
+- `gan.beta1` 0.0 / 0.5;
+- cost trims: `ebm.langevin_steps` 15 / 20, `ebm.max_epochs` 15 / 20, `gan.max_epochs` 60 / 90,
+  with each variant's training time;
 - the diffusion decoder's variance, beta-tilde_t against beta_t, on the trained default model:
   the validation bound (no training: the variance only enters the bound);
 - `evaluator.augment_*` on / off: the evaluator's validation accuracy over 4 seeds.
 
     uv run python benchmarks/defaults.py                  # everything (about 30 min on 2 cores)
     uv run python benchmarks/defaults.py --only gan.beta1 # one choice
+    # a profile's choice, on its data: the EBM's Langevin step on real MNIST (the four idx
+    # files), over the mnist profile with two of its keys set
+    uv run python benchmarks/defaults.py --profile mnist --mnist ../shared/data/mnist \
+        --set models.ebm.noise=0.3 --set models.ebm.max_steps=100 --only ebm.step_size
+    # other values than the listed ones, for the one choice
+    uv run python benchmarks/defaults.py --only ebm.noise --values 0.05,0.3
 
 Exit code 0 whatever the numbers: a measurement, not a test.
 """
@@ -30,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from common import cell
+from common import cell, set_key
 from genlab.config import Params, TrainerParams, parse_params
 from genlab.data.prepared import load_split, prepare, read_meta
 from genlab.evaluation import vocabulary as v
@@ -40,23 +49,39 @@ from genlab.evaluation.intervals import mean_and_se
 from genlab.evaluation.likelihood import per_image_nll
 from genlab.evaluation.protocol import compute_reference, measurement, save_reference
 from genlab.models import MODELS
+from genlab.paths import PROFILES
+from genlab.profiles import overlay
 from genlab.training import train_family
+from mnist import copy_mnist
 
+# What a choice of a sampling family is judged by; conditional accuracy too, as the defaults
+# train class-conditional models ("n/a" for an unconditional one).
+SAMPLES = [v.FID, v.RECALL, v.COND_ACC]
 CHOICES: dict[str, tuple[str, str, list[object], list[str]]] = {
     "vae.latent_dim": ("vae", "latent_dim", [32, 48, 64], ["nll", v.probe_acc("val")]),
-    "ebm.noise": ("ebm", "noise", [0.01, 0.05], [v.FID, v.RECALL]),
-    "gan.beta1": ("gan", "beta1", [0.0, 0.5], [v.FID, v.RECALL]),
+    "ebm.noise": ("ebm", "noise", [0.01, 0.05], SAMPLES),
+    "ebm.step_size": ("ebm", "step_size", [1.0, 30.0, 100.0], SAMPLES),
+    "gan.beta1": ("gan", "beta1", [0.0, 0.5], SAMPLES),
     # Cost trims for the default run's 10 minutes: less training where validation ties.
-    "ebm.langevin_steps": ("ebm", "langevin_steps", [15, 20], [v.FID, v.RECALL]),
-    "ebm.max_epochs": ("ebm", "max_epochs", [15, 20], [v.FID, v.RECALL]),
-    "gan.max_epochs": ("gan", "max_epochs", [60, 90], [v.FID, v.RECALL]),
+    "ebm.langevin_steps": ("ebm", "langevin_steps", [15, 20], SAMPLES),
+    "ebm.max_epochs": ("ebm", "max_epochs", [15, 20], SAMPLES),
+    "gan.max_epochs": ("gan", "max_epochs", [60, 90], SAMPLES),
 }
 OTHERS = ("diffusion.variance", "evaluator.augment")
 
 
-def tuning_params(store: Path) -> Params:
-    """params.yaml evaluated on validation, logging into a throwaway MLflow store."""
+def tuning_params(
+    store: Path, profiles: list[str] = (), sets: list[str] = (), mnist_root: Path | None = None
+) -> Params:
+    """params.yaml (with `profiles` merged over it, then each `--set`) evaluated on validation,
+    logging into a throwaway MLflow store; `mnist_root`: where the MNIST files were copied."""
     raw = yaml.safe_load(Path("params.yaml").read_text())
+    for name in profiles:
+        overlay(raw, yaml.safe_load((PROFILES / f"{name}.yaml").read_text()))
+    for dotted in sets:
+        set_key(raw, dotted)
+    if mnist_root is not None:
+        raw["dataset"]["root"] = str(mnist_root)
     raw["evaluate"]["split"] = "val"
     raw["prediction"]["ood_sets"] = ["noise"]  # not what is compared here: keep it cheap
     raw["tracking"] = {"uri": f"sqlite:///{store}", "experiment": "defaults"}
@@ -108,8 +133,15 @@ def evaluate_variant(
     return evaluation.metrics | {v.TRAIN_WALL_S: result.wall_s}
 
 
-def choice(name: str, params: Params, work: Path, dirs: tuple[Path, Path, Path]) -> None:
-    family, key, values, shown = CHOICES[name]
+def choice(
+    name: str,
+    params: Params,
+    work: Path,
+    dirs: tuple[Path, Path, Path],
+    values: list[object] | None = None,
+) -> None:
+    family, key, listed, shown = CHOICES[name]
+    values = listed if values is None else values
     default = params.family(family).model_dump()[key]
     print(f"\n{name} (default {default}), validation split:")
     for value in values:
@@ -176,15 +208,27 @@ def evaluator_augment(params: Params, work: Path, prepared: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=[*CHOICES, *OTHERS], action="append")
+    parser.add_argument("--profile", action="append", default=[], help="profiles/<name>.yaml")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--mnist", type=Path, help="a folder with the four MNIST idx files")
+    parser.add_argument("--values", help="comma-separated values for the one --only choice")
     args = parser.parse_args(argv)
     wanted = args.only or [*CHOICES, *OTHERS]
+    values = None
+    if args.values is not None:
+        if len(wanted) != 1 or wanted[0] not in CHOICES:
+            parser.error("--values needs exactly one --only naming a choice")
+        values = [yaml.safe_load(value) for value in args.values.split(",")]
     with tempfile.TemporaryDirectory(prefix="genlab-defaults-") as tmp:
         work = Path(tmp)
-        params = tuning_params(work / "mlflow.db")
+        if args.mnist is not None:
+            copy_mnist(args.mnist, work)  # into work/data/raw/MNIST/raw
+        root = work / "data" / "raw" if args.mnist is not None else None
+        params = tuning_params(work / "mlflow.db", args.profile, args.set, root)
         dirs = setup(work, params)
         for name in wanted:
             if name in CHOICES:
-                choice(name, params, work, dirs)
+                choice(name, params, work, dirs, values)
             elif name == "diffusion.variance":
                 diffusion_variance(params, work, dirs)
             else:

@@ -50,6 +50,7 @@ import yaml
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
+from common import set_key
 from genlab.config import Params, parse_params
 from genlab.data.datamodule import epoch_permutation
 from genlab.data.prepared import load_split, prepare
@@ -92,16 +93,6 @@ def throughput(epochs: list[tuple[float, int]]) -> float:
     """Images per second over every epoch but the first."""
     kept = epochs[1:] or epochs
     return sum(n for _, n in kept) / sum(s for s, _ in kept)
-
-
-def set_key(raw: dict, dotted: str) -> None:
-    """Apply one `--set a.b.c=value` (the value read as YAML) to the params mapping."""
-    key, _, value = dotted.partition("=")
-    *parents, last = key.split(".")
-    node = raw
-    for part in parents:
-        node = node[part]
-    node[last] = yaml.safe_load(value)
 
 
 def bench_params(family: str, epochs: int, store: Path, args: argparse.Namespace) -> Params:
