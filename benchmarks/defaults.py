@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -71,7 +72,10 @@ OTHERS = ("diffusion.variance", "evaluator.augment")
 
 
 def tuning_params(
-    store: Path, profiles: list[str] = (), sets: list[str] = (), mnist_root: Path | None = None
+    store: Path,
+    profiles: Sequence[str] = (),
+    sets: Sequence[str] = (),
+    mnist_root: Path | None = None,
 ) -> Params:
     """params.yaml (with `profiles` merged over it, then each `--set`) evaluated on validation,
     logging into a throwaway MLflow store; `mnist_root`: where the MNIST files were copied."""
