@@ -225,10 +225,13 @@ def main(argv: list[str] | None = None) -> int:
         values = [yaml.safe_load(value) for value in args.values.split(",")]
     with tempfile.TemporaryDirectory(prefix="genlab-defaults-") as tmp:
         work = Path(tmp)
-        if args.mnist is not None:
-            copy_mnist(args.mnist, work)  # into work/data/raw/MNIST/raw
-        root = work / "data" / "raw" if args.mnist is not None else None
+        root = copy_mnist(args.mnist, work) if args.mnist is not None else None
         params = tuning_params(work / "mlflow.db", args.profile, args.set, root)
+        if root is not None and params.dataset.name != "mnist":
+            parser.error(
+                f"--mnist needs a dataset that reads them (--profile mnist), not "
+                f"{params.dataset.name}"
+            )
         dirs = setup(work, params)
         for name in wanted:
             if name in CHOICES:

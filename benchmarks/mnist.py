@@ -45,13 +45,16 @@ TARGET_S = 90 * 60
 BPD_EACH, BPD_BEST, FID_RATIO, COND_ACC = 1.35, 1.05, 3.0, 0.95
 
 
-def copy_mnist(source: Path, copy: Path) -> None:
+def copy_mnist(source: Path, copy: Path) -> Path:
+    """The four idx files from `source` into `copy`, where the mnist profile's dataset reads
+    them (root data/raw, torchvision's MNIST/raw below it); returns that root."""
     raw = copy / "data" / "raw" / "MNIST" / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     for name in FILES:
         if not (source / name).is_file():
             sys.exit(f"mnist: {source / name} not found; pass --data with the four idx files")
         shutil.copyfile(source / name, raw / name)
+    return copy / "data" / "raw"
 
 
 def bits(metrics: dict[str, float]) -> tuple[str, float, float] | None:
