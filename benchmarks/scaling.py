@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         families = args.families or params.families
         images = in_child(write_images, work / "images")
         header = (
-            f"{'family':<10}{'C x H x W':>12}{'train img/s':>13}{'train FLOP/img':>16}"
+            f"{'family':<14}{'C x H x W':>12}{'train img/s':>13}{'train FLOP/img':>16}"
             f"{'sample img/s':>14}{'sample FLOP/img':>17}{'peak MiB':>10}"
         )
         print(f"settings: params.yaml{' + ' + args.profile if args.profile else ''}; CPU")
@@ -159,22 +159,22 @@ def main(argv: list[str] | None = None) -> int:
                     row = in_child(measure, params, family, data, cell, args.samples)
                     shape = f"{channels}x{size}x{size}"
                     if isinstance(row, str):
-                        print(f"{family:<10}{shape:>12}  failed: {row}")
+                        print(f"{family:<14}{shape:>12}  failed: {row}")
                         continue
                     rows[family].append((channels * size * size, row))
                     print(
-                        f"{family:<10}{shape:>12}{row['train_img_s']:>13.1f}"
+                        f"{family:<14}{shape:>12}{row['train_img_s']:>13.1f}"
                         f"{row['train_flops_img']:>16.3g}{row['sample_img_s']:>14.2f}"
                         f"{row['sample_flops_img']:>17.3g}{row['peak_mib']:>10.0f}",
                         flush=True,
                     )
     print()
-    print(f"{'family':<10}{'b (train s/img)':>17}{'b (sample s/img)':>18}   cost ∝ pixels^b")
+    print(f"{'family':<14}{'b (train s/img)':>17}{'b (sample s/img)':>18}   cost ∝ pixels^b")
     for family, measured in rows.items():
         pixels = [p for p, _ in measured]
         train = exponent(pixels, [1 / r["train_img_s"] for _, r in measured])
         sample = exponent(pixels, [1 / r["sample_img_s"] for _, r in measured])
-        print(f"{family:<10}{train:>17.2f}{sample:>18.2f}")
+        print(f"{family:<14}{train:>17.2f}{sample:>18.2f}")
     return 0 if any(rows.values()) else 1
 
 
