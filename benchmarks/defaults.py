@@ -50,8 +50,7 @@ from genlab.evaluation.intervals import mean_and_se
 from genlab.evaluation.likelihood import per_image_nll
 from genlab.evaluation.protocol import compute_reference, measurement, save_reference
 from genlab.models import MODELS
-from genlab.paths import PROFILES
-from genlab.profiles import overlay
+from genlab.profiles import ProfileError, overlay, resolve
 from genlab.training import train_family
 from mnist import copy_mnist
 
@@ -73,15 +72,16 @@ OTHERS = ("diffusion.variance", "evaluator.augment")
 
 def tuning_params(
     store: Path,
-    profiles: Sequence[str] = (),
+    profiles: Sequence[Path] = (),
     sets: Sequence[str] = (),
     mnist_root: Path | None = None,
 ) -> Params:
-    """params.yaml (with `profiles` merged over it, then each `--set`) evaluated on validation,
-    logging into a throwaway MLflow store; `mnist_root`: where the MNIST files were copied."""
+    """params.yaml (with the `profiles` files merged over it, then each `--set`) evaluated on
+    validation, logging into a throwaway MLflow store; `mnist_root`: where the MNIST files were
+    copied."""
     raw = yaml.safe_load(Path("params.yaml").read_text())
-    for name in profiles:
-        overlay(raw, yaml.safe_load((PROFILES / f"{name}.yaml").read_text()))
+    for profile in profiles:
+        overlay(raw, yaml.safe_load(profile.read_text()))
     for dotted in sets:
         set_key(raw, dotted)
     if mnist_root is not None:
@@ -212,7 +212,7 @@ def evaluator_augment(params: Params, work: Path, prepared: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=[*CHOICES, *OTHERS], action="append")
-    parser.add_argument("--profile", action="append", default=[], help="profiles/<name>.yaml")
+    parser.add_argument("--profile", action="append", default=[], help="<name> or a .yaml path")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--mnist", type=Path, help="a folder with the four MNIST idx files")
     parser.add_argument("--values", help="comma-separated values for the one --only choice")
@@ -223,10 +223,14 @@ def main(argv: list[str] | None = None) -> int:
         if len(wanted) != 1 or wanted[0] not in CHOICES:
             parser.error("--values needs exactly one --only naming a choice")
         values = [yaml.safe_load(value) for value in args.values.split(",")]
+    try:  # by name or path, as `genlab profile` takes them; an unknown one is a one-line error
+        profiles = [resolve(name, Path()) for name in args.profile]
+    except ProfileError as exc:
+        parser.error(str(exc))
     with tempfile.TemporaryDirectory(prefix="genlab-defaults-") as tmp:
         work = Path(tmp)
         root = copy_mnist(args.mnist, work) if args.mnist is not None else None
-        params = tuning_params(work / "mlflow.db", args.profile, args.set, root)
+        params = tuning_params(work / "mlflow.db", profiles, args.set, root)
         if root is not None and params.dataset.name != "mnist":
             parser.error(
                 f"--mnist needs a dataset that reads them (--profile mnist), not "
