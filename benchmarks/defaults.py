@@ -25,6 +25,11 @@ a tie, and the default stays unless a variant wins outright.
         --set models.ebm.noise=0.3 --set models.ebm.max_steps=100 --only ebm.step_size
     # other values than the listed ones, for the one choice
     uv run python benchmarks/defaults.py --only ebm.noise --values 0.05,0.3
+    # any variants of one family, each a set of keys (here: a narrower U-Net trained longer
+    # against the profile's), evaluated with fewer sample sets and scored images
+    uv run python benchmarks/defaults.py --profile mnist --mnist ../shared/data/mnist \
+        --set evaluate.sample_seeds=1 --set evaluate.scored_images=300 \
+        --variant "" --variant "models.diffusion.channels=16 models.diffusion.max_epochs=5"
 
 Exit code 0 whatever the numbers: a measurement, not a test.
 """
@@ -32,6 +37,7 @@ Exit code 0 whatever the numbers: a measurement, not a test.
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -152,13 +158,57 @@ def choice(
         metrics = evaluate_variant(
             with_value(params, family, key, value), family, f"{family}-{key}-{value}", work, dirs
         )
-        cells = []
-        for metric in shown:
-            metric = v.nll_key("val", MODELS[family].likelihood) if metric == "nll" else metric
-            cells.append(f"{metric} {cell(metrics, metric)}")
         mark = "*" if value == default else " "
         trained = f"   trained in {metrics[v.TRAIN_WALL_S]:.1f} s"
-        print(f"  {mark} {key} = {value!s:<6} " + "   ".join(cells) + trained, flush=True)
+        print(
+            f"  {mark} {key} = {value!s:<6} " + cells(metrics, family, shown) + trained, flush=True
+        )
+
+
+def variant_params(specs: Sequence[str], params: Params) -> tuple[str, list[Params]]:
+    """The family and the params of each `--variant` spec (space-separated KEY=VALUE over
+    `params`; "" for `params` as they are), every one checked before any training: keys of one
+    family's models section only (`params.families`' first if no spec names one)."""
+    keys = [key.partition("=")[0] for spec in specs for key in spec.split()]
+    families = {key.split(".")[1] for key in keys if key.count(".") >= 2}
+    if len(families) > 1 or any(not key.startswith("models.") for key in keys):
+        raise ValueError(f"keys of one family's models section only (got {list(specs)})")
+    family = families.pop() if families else params.families[0]
+    raw = params.model_dump()
+    chosen = []
+    for spec in specs:
+        changed = copy.deepcopy(raw)
+        for dotted in spec.split():
+            set_key(changed, dotted)
+        chosen.append(parse_params(changed, repr(spec)))
+    return family, chosen
+
+
+def variants(
+    family: str,
+    specs: Sequence[str],
+    chosen: Sequence[Params],
+    work: Path,
+    dirs: tuple[Path, Path, Path],
+) -> None:
+    """Each variant trained and evaluated on validation, with its training time."""
+    shown = ["nll"] * (MODELS[family].likelihood != "none") + SAMPLES
+    print(f"\n{family} variants, validation split:")
+    for i, (spec, params) in enumerate(zip(specs, chosen, strict=True)):
+        metrics = evaluate_variant(params, family, f"{family}-variant-{i}", work, dirs)
+        trained = f"trained in {metrics[v.TRAIN_WALL_S]:.1f} s"
+        print(
+            f"  {spec or '(as set)'}:\n    {cells(metrics, family, shown)}   {trained}", flush=True
+        )
+
+
+def cells(metrics: dict[str, float], family: str, shown: Sequence[str]) -> str:
+    """The `shown` metrics with their intervals ("nll": the family's validation likelihood)."""
+    out = []
+    for metric in shown:
+        metric = v.nll_key("val", MODELS[family].likelihood) if metric == "nll" else metric
+        out.append(f"{metric} {cell(metrics, metric)}")
+    return "   ".join(out)
 
 
 def diffusion_variance(params: Params, work: Path, dirs: tuple[Path, Path, Path]) -> None:
@@ -216,6 +266,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--mnist", type=Path, help="a folder with the four MNIST idx files")
     parser.add_argument("--values", help="comma-separated values for the one --only choice")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        metavar='"KEY=VALUE ..."',
+        help="a variant of one family's settings to compare (repeatable; replaces the choices)",
+    )
     args = parser.parse_args(argv)
     wanted = args.only or [*CHOICES, *OTHERS]
     values = None
@@ -236,7 +292,15 @@ def main(argv: list[str] | None = None) -> int:
                 f"--mnist needs a dataset that reads them (--profile mnist), not "
                 f"{params.dataset.name}"
             )
+        if args.variant:
+            try:
+                family, chosen = variant_params(args.variant, params)
+            except (ValueError, KeyError) as exc:  # pydantic's errors are ValueErrors
+                parser.error(f"--variant: {exc}")
+            wanted = []
         dirs = setup(work, params)
+        if args.variant:
+            variants(family, args.variant, chosen, work, dirs)
         for name in wanted:
             if name in CHOICES:
                 choice(name, params, work, dirs, values)

@@ -11,6 +11,8 @@ timed) and one `sample` call. The families' settings are params.yaml's, or a pro
     uv run python benchmarks/scaling.py                          # every family, size, channels
     uv run python benchmarks/scaling.py --families vae gan --sizes 16 32 --channels 1
     uv run python benchmarks/scaling.py --profile mnist          # the mnist profile's networks
+    # a variant of it: a .yaml of params keys over the profile (later profiles win)
+    uv run python benchmarks/scaling.py --profile mnist --profile narrow.yaml --sizes 28
 
 FLOPs per image are torch's count (genlab.compute); the exponent is a least-squares slope of
 log seconds per image against log pixels (C·H·W) over the sizes measured.
@@ -25,6 +27,7 @@ import resource
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +37,7 @@ import yaml
 from families import in_child
 from genlab.config import DatasetParams, Params, parse_params
 from genlab.evaluation import vocabulary as v
-from genlab.paths import PROFILES
-from genlab.profiles import overlay
+from genlab.profiles import ProfileError, overlay, resolve
 from overhead import TrainBatchTimer, throughput
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,10 +47,10 @@ IMAGES_PER_CLASS = 40  # 10 classes: 320 train / 40 val / 40 test after the spli
 BATCH = 32
 
 
-def bench_params(profile: str | None, store: Path) -> Params:
+def bench_params(profiles: Sequence[Path], store: Path) -> Params:
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    if profile:
-        raw = overlay(raw, yaml.safe_load((ROOT / PROFILES / f"{profile}.yaml").read_text()))
+    for profile in profiles:  # in order, each over the last
+        raw = overlay(raw, yaml.safe_load(profile.read_text()))
     for section in raw["models"].values():
         section |= {"max_epochs": 2, "batch_size": BATCH, "max_steps": None}
     raw["trainer"] |= {"accelerator": "cpu", "sample_every_n_epochs": 10**6, "budget_flops": None}
@@ -131,20 +133,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--families", nargs="+", help="default: params.yaml's families")
     parser.add_argument("--sizes", nargs="+", type=int, default=list(SIZES))
     parser.add_argument("--channels", nargs="+", type=int, default=list(CHANNELS))
-    parser.add_argument("--profile", help="a profile of profiles/ over params.yaml")
+    parser.add_argument(
+        "--profile",
+        action="append",
+        default=[],
+        help="a profile over params.yaml: <name> of profiles/ or a .yaml path (repeatable)",
+    )
     parser.add_argument("--samples", type=int, default=16, help="images in the sampling batch")
     args = parser.parse_args(argv)
+    try:  # by name or path, as `genlab profile` takes them; an unknown one is a one-line error
+        profiles = [resolve(name, ROOT) for name in args.profile]
+    except ProfileError as exc:
+        parser.error(str(exc))
 
     with tempfile.TemporaryDirectory(prefix="genlab-scaling-") as tmp:
         work = Path(tmp)
-        params = bench_params(args.profile, work / "mlflow.db")
+        params = bench_params(profiles, work / "mlflow.db")
         families = args.families or params.families
         images = in_child(write_images, work / "images")
         header = (
             f"{'family':<14}{'C x H x W':>12}{'train img/s':>13}{'train FLOP/img':>16}"
             f"{'sample img/s':>14}{'sample FLOP/img':>17}{'peak MiB':>10}"
         )
-        print(f"settings: params.yaml{' + ' + args.profile if args.profile else ''}; CPU")
+        print(f"settings: {' + '.join(['params.yaml', *args.profile])}; CPU")
         print(header)
         print("-" * len(header))
         rows: dict[str, list[tuple[int, dict[str, float]]]] = {f: [] for f in families}
