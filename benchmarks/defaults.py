@@ -28,7 +28,8 @@ a tie, and the default stays unless a variant wins outright.
     # any variants of one family, each a set of keys (here: a narrower U-Net trained longer
     # against the profile's), evaluated with fewer sample sets and scored images
     uv run python benchmarks/defaults.py --profile mnist --mnist ../shared/data/mnist \
-        --set evaluate.sample_seeds=1 --set evaluate.scored_images=300 \
+        --set evaluate.sample_seeds=2 --set evaluate.scored_images=300 \
+        --set representation.probe_images=300 \
         --variant "" --variant "models.diffusion.channels=16 models.diffusion.max_epochs=5"
 
 Exit code 0 whatever the numbers: a measurement, not a test.
@@ -275,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     wanted = args.only or [*CHOICES, *OTHERS]
     values = None
+    if args.variant and args.only:
+        parser.error("--variant compares its own settings: give it without --only")
     if args.values is not None:
         if len(wanted) != 1 or wanted[0] not in CHOICES:
             parser.error("--values needs exactly one --only naming a choice")
@@ -295,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.variant:
             try:
                 family, chosen = variant_params(args.variant, params)
-            except (ValueError, KeyError) as exc:  # pydantic's errors are ValueErrors
+            except (ValueError, KeyError) as exc:  # ConfigError is a ValueError
                 parser.error(f"--variant: {exc}")
             wanted = []
         dirs = setup(work, params)
