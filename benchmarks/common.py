@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: reading what the last `dvc repro` measured."""
+"""What the benchmark scripts share: params.yaml with its profiles, reading what the last `dvc
+repro` measured."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import math
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -14,12 +16,13 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from genlab import paths
-from genlab.config import Params, load_params
+from genlab.config import Params, load_params, read_yaml
 from genlab.data.prepared import read_meta
 from genlab.errors import GenlabError
 from genlab.evaluation import vocabulary as v
 from genlab.evaluation.protocol import Protocol, check_protocols, measurement
 from genlab.paths import RUN_FILE
+from genlab.profiles import overlay, resolve
 from genlab.tracking import RunRecord
 
 # The key under which the evaluate and baselines stages write the protocol next to the metrics
@@ -28,6 +31,17 @@ from genlab.tracking import RunRecord
 PROTOCOL_KEY = v.PROTOCOL
 
 Metrics = dict[str, float]
+
+
+def profiled(root: Path, profiles: Sequence[str]) -> dict:
+    """root/params.yaml as a mapping, with each profile merged over it in order: a name of
+    root/profiles or a .yaml path, as `genlab profile` takes them (ProfileError, one line, for
+    one that is not there or does not fit)."""
+    found = [resolve(name, root) for name in profiles]  # every one found before any is read
+    raw = read_yaml((root / "params.yaml").read_text(), root / "params.yaml")
+    for path in found:
+        overlay(raw, read_yaml(path.read_text(), path) or {})
+    return raw
 
 
 def set_key(raw: dict, dotted: str) -> None:

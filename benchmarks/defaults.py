@@ -47,9 +47,10 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from common import cell, set_key
+from common import cell, profiled, set_key
 from genlab.config import Params, TrainerParams, parse_params
 from genlab.data.prepared import load_split, prepare, read_meta
+from genlab.errors import ConfigError
 from genlab.evaluation import vocabulary as v
 from genlab.evaluation.evaluate import evaluate_model
 from genlab.evaluation.evaluator import train_evaluator
@@ -57,7 +58,6 @@ from genlab.evaluation.intervals import mean_and_se
 from genlab.evaluation.likelihood import per_image_nll
 from genlab.evaluation.protocol import compute_reference, measurement, save_reference
 from genlab.models import MODELS
-from genlab.profiles import ProfileError, overlay, resolve
 from genlab.training import train_family
 from mnist import copy_mnist
 
@@ -78,17 +78,14 @@ OTHERS = ("diffusion.variance", "evaluator.augment")
 
 
 def tuning_params(
+    raw: dict,
     store: Path,
-    profiles: Sequence[Path] = (),
     sets: Sequence[str] = (),
     mnist_root: Path | None = None,
 ) -> Params:
-    """params.yaml (with the `profiles` files merged over it, then each `--set`) evaluated on
-    validation, logging into a throwaway MLflow store; `mnist_root`: where the MNIST files were
-    copied."""
-    raw = yaml.safe_load(Path("params.yaml").read_text())
-    for profile in profiles:
-        overlay(raw, yaml.safe_load(profile.read_text()))
+    """The params mapping `raw` (params.yaml with its profiles), each `--set` over it, evaluated
+    on validation, logging into a throwaway MLflow store; `mnist_root`: where the MNIST files
+    were copied."""
     for dotted in sets:
         set_key(raw, dotted)
     if mnist_root is not None:
@@ -282,14 +279,14 @@ def main(argv: list[str] | None = None) -> int:
         if len(wanted) != 1 or wanted[0] not in CHOICES:
             parser.error("--values needs exactly one --only naming a choice")
         values = [yaml.safe_load(value) for value in args.values.split(",")]
-    try:  # by name or path, as `genlab profile` takes them; an unknown one is a one-line error
-        profiles = [resolve(name, Path()) for name in args.profile]
-    except ProfileError as exc:
+    try:
+        raw = profiled(Path(), args.profile)
+    except ConfigError as exc:  # ProfileError too; a profile that is not valid YAML
         parser.error(str(exc))
     with tempfile.TemporaryDirectory(prefix="genlab-defaults-") as tmp:
         work = Path(tmp)
         root = copy_mnist(args.mnist, work) if args.mnist is not None else None
-        params = tuning_params(work / "mlflow.db", profiles, args.set, root)
+        params = tuning_params(raw, work / "mlflow.db", args.set, root)
         if root is not None and params.dataset.name != "mnist":
             parser.error(
                 f"--mnist needs a dataset that reads them (--profile mnist), not "

@@ -27,17 +27,16 @@ import resource
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import psutil  # a dependency of dvc's
-import yaml
 
+from common import profiled
 from families import in_child
 from genlab.config import DatasetParams, Params, parse_params
+from genlab.errors import ConfigError
 from genlab.evaluation import vocabulary as v
-from genlab.profiles import ProfileError, overlay, resolve
 from overhead import TrainBatchTimer, throughput
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,10 +46,8 @@ IMAGES_PER_CLASS = 40  # 10 classes: 320 train / 40 val / 40 test after the spli
 BATCH = 32
 
 
-def bench_params(profiles: Sequence[Path], store: Path) -> Params:
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for profile in profiles:  # in order, each over the last
-        raw = overlay(raw, yaml.safe_load(profile.read_text()))
+def bench_params(raw: dict, store: Path) -> Params:
+    """The params mapping `raw` (params.yaml with its profiles) set up for a short timed run."""
     for section in raw["models"].values():
         section |= {"max_epochs": 2, "batch_size": BATCH, "max_steps": None}
     raw["trainer"] |= {"accelerator": "cpu", "sample_every_n_epochs": 10**6, "budget_flops": None}
@@ -141,14 +138,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--samples", type=int, default=16, help="images in the sampling batch")
     args = parser.parse_args(argv)
-    try:  # by name or path, as `genlab profile` takes them; an unknown one is a one-line error
-        profiles = [resolve(name, ROOT) for name in args.profile]
-    except ProfileError as exc:
+    try:
+        raw = profiled(ROOT, args.profile)
+    except ConfigError as exc:  # ProfileError too; a profile that is not valid YAML
         parser.error(str(exc))
 
     with tempfile.TemporaryDirectory(prefix="genlab-scaling-") as tmp:
         work = Path(tmp)
-        params = bench_params(profiles, work / "mlflow.db")
+        params = bench_params(raw, work / "mlflow.db")
         families = args.families or params.families
         images = in_child(write_images, work / "images")
         header = (
