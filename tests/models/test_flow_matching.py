@@ -10,9 +10,10 @@ import pytest
 import torch
 from torch import nn
 
+from genlab.errors import ConfigError
 from genlab.evaluation import vocabulary as v
 from genlab.models.flow_matching import FlowMatching
-from genlab.models.ode import Solver, standard_normal_log_prob
+from genlab.models.ode import Solver, level_posterior_log_prob, standard_normal_log_prob
 
 SHAPE = (1, 4, 4)  # D = 16: the exact trace stays cheap
 D = math.prod(SHAPE)
@@ -81,17 +82,31 @@ def test_levels_scale_to_bins_that_tile_minus_one_to_one() -> None:
     assert model.scaling(torch.tensor(0.0)) == -1 and model.scaling(torch.tensor(LEVELS)) == 1
 
 
-def test_cfm_loss_regresses_the_path_velocity() -> None:
+@pytest.mark.parametrize(
+    ("dequantization", "time_power"), [("uniform", 1.0), ("gaussian", 1.0), ("uniform", 2.0)]
+)
+def test_cfm_loss_regresses_the_path_velocity(dequantization: str, time_power: float) -> None:
     """With a network that outputs the conditional velocity x_1 - (1 - sigma_min) x_0 exactly
     (it can, given the draws), the loss is zero: the path and target are Lipman et al.'s psi_t
-    (sec. 4.1) and its time derivative. Checked by replaying loss_cfm's draws."""
-    model = make_model(randomize=False, sigma_min=0.01)
+    (sec. 4.1) and its time derivative. Checked by replaying loss_cfm's draws: x_1 dequantized
+    uniformly or the bins' centres ("gaussian": the path's sigma is the dequantizer's,
+    `dequantization_sigma` bin widths), and t = 1 - (1 - u)^time_power."""
+    if dequantization == "gaussian":
+        sigma = {"dequantization_sigma": 0.01 / (2 / LEVELS)}  # 0.01 in the model's units
+    else:
+        sigma = {"sigma_min": 0.01}
+    model = make_model(
+        randomize=False, dequantization=dequantization, time_power=time_power, **sigma
+    )
+    assert model.path_sigma == pytest.approx(0.01)
     x, _ = images(8)
     torch.manual_seed(0)
-    u = torch.rand(x.shape)
-    x1 = model.scaling(x.float() + u)
+    if dequantization == "gaussian":
+        x1 = model.scaling(x.float() + 0.5)
+    else:
+        x1 = model.scaling(x.float() + torch.rand(x.shape))
     x0 = torch.randn_like(x1)
-    t = torch.rand(8)[:, None, None, None]
+    t = 1 - (1 - torch.rand(8)[:, None, None, None]) ** time_power
     # d psi_t / dt by a central finite difference of the path
     h = 1e-3
 
@@ -115,6 +130,50 @@ def test_cfm_loss_regresses_the_path_velocity() -> None:
     assert model.loss_cfm(x, None).item() == pytest.approx(0.0, abs=1e-10)
 
 
+def test_time_power_draws_times_towards_the_data() -> None:
+    """t = 1 - (1 - u)^k has P(t > 1/2) = 2^(-1/k): 1/2 for k = 1, 0.707 for k = 2."""
+    seen = {}
+    for k in (1.0, 2.0):
+        model = make_model(randomize=False, time_power=k)
+
+        class Record(nn.Module):
+            def forward(self, xt, t, y, k=k):
+                seen[k] = t
+                return torch.zeros_like(xt)
+
+        model.net = Record()
+        torch.manual_seed(0)
+        model.loss_cfm(torch.zeros(4000, *SHAPE, dtype=torch.uint8), None)
+        assert (seen[k] >= 0).all() and (seen[k] <= 1).all()
+        assert (seen[k] > 0.5).float().mean() == pytest.approx(2 ** (-1 / k), abs=0.025)
+
+
+def test_gaussian_dequantization_sets_the_paths_sigma_in_bin_widths() -> None:
+    for levels in (17, 256):
+        model = FlowMatching(
+            image_shape=SHAPE, levels=levels, num_classes=CLASSES, dequantization="gaussian"
+        )
+        assert model.path_sigma == pytest.approx(0.38 * 2 / levels)
+    with pytest.raises(ConfigError, match="leave sigma_min at 0"):
+        make_model(dequantization="gaussian", sigma_min=0.01)
+
+
+def test_gaussian_bound_of_a_zero_velocity_model_replays_its_draws() -> None:
+    """v = 0 leaves the base N(0, I) as p_1: the gaussian bound is then log N(s; 0, I) +
+    log P(x | s) - log q(s | x) at s = centre + sigma * noise, from the same noise."""
+    model = make_model(randomize=False, dequantization="gaussian", dequantization_sigma=0.25)
+    sigma = 0.25 * 2 / LEVELS
+    x, _ = images(6)
+    torch.manual_seed(7)
+    noise = torch.randn(1, *x.shape)[0]
+    s = model.scaling(x.float() + 0.5) + sigma * noise
+    log_q = standard_normal_log_prob(noise) - D * math.log(sigma)
+    decoder = level_posterior_log_prob(s, x, model.scaling, sigma, LEVELS)
+    expected = standard_normal_log_prob(s) + decoder - log_q
+    torch.manual_seed(7)
+    torch.testing.assert_close(model.log_prob(x), expected)
+
+
 def test_training_on_a_fixed_batch_lowers_the_loss() -> None:
     model = make_model(randomize=False).train()
     x, _ = images(32)
@@ -133,8 +192,8 @@ def test_training_on_a_fixed_batch_lowers_the_loss() -> None:
 # -- likelihood ---------------------------------------------------------------------------------
 def test_a_zero_velocity_model_is_its_gaussian_base() -> None:
     """The U-Net starts with v = 0 (zero output layer): the ODE does not move, so log p_1 is
-    log N(s; 0, I), and the bound is that at the dequantized draw plus D log(2 / L)."""
-    model = make_model(randomize=False)
+    log N(s; 0, I), and the uniform bound is that at the dequantized draw plus D log(2 / L)."""
+    model = make_model(randomize=False, dequantization="uniform")
     x, _ = images(6)
     torch.manual_seed(7)
     u = torch.rand(1, *x.shape)[0]
@@ -159,9 +218,13 @@ def test_log_density_of_gaussian_data_velocity_is_the_data_gaussian(divergence: 
     torch.testing.assert_close(log_p, expected, rtol=0, atol=1e-3)
 
 
-@pytest.mark.parametrize("conditional", [False, True])
-def test_log_prob_is_a_bound_on_a_discrete_log_probability(conditional: bool) -> None:
-    model = make_model(conditional=conditional)
+@pytest.mark.parametrize(
+    ("conditional", "dequantization"), [(False, "uniform"), (True, "uniform"), (True, "gaussian")]
+)
+def test_log_prob_is_a_bound_on_a_discrete_log_probability(
+    conditional: bool, dequantization: str
+) -> None:
+    model = make_model(conditional=conditional, dequantization=dequantization)
     x, y = images(12)
     log_prob = seeded_log_prob(model, x, y if conditional else None, samples=2)
     assert log_prob.shape == (12,)
