@@ -211,9 +211,10 @@ class FlowMatching(GenerativeModule):
             x1 = self.scaling(x.to(self.device, torch.float32) + u)  # (B, C, H, W) in [-1, 1)
         x0 = torch.randn_like(x1)
         # k > 1 draws more times near the data (density k^-1 (1 - t)^(1/k - 1)): uniform t
-        # weights the error in predicted noise, per unit of log-SNR lambda, by about e^(-lambda/2)
-        # (Kingma & Gao 2023, sec. 3: rectified flow's weighting), so the high-SNR end, where
-        # the likelihood's density is sharpest, gets the least of the loss.
+        # weights the error in predicted noise, per unit of log-SNR lambda, by e^(-lambda/2)
+        # (v's error is eps's over t, and dt / dlambda = t (1 - t) / 2 for sigma_min = 0; the
+        # weighting Kingma & Gao 2023 give for rectified flow), so the high-SNR end, where the
+        # likelihood's density is sharpest, gets the least of the loss.
         t, k = torch.rand(b, device=self.device), self.hparams.time_power
         t = t if k == 1 else 1 - (1 - t) ** k
         shrink = 1 - (1 - self.path_sigma) * t[:, None, None, None]  # (B, 1, 1, 1)
