@@ -336,6 +336,31 @@ def test_sampling_cost_counts_steps_stages_and_guidance() -> None:
     assert model.nfe_per_sample == passes and passes % 2 == 0 and passes > 12
 
 
+def test_final_denoise_returns_the_paths_end_point_and_costs_one_pass() -> None:
+    """At t = 1 the path is x = sigma x_0 + x_1 with velocity x_1 - (1 - sigma) x_0: `denoise`
+    gives back x_1 exactly. Sampling spends one more pass on it (two when guided), and none
+    where the path ends without noise (sigma_min = 0, uniform dequantization)."""
+    model = make_model(dequantization="gaussian", final_denoise=True)
+    sigma = model.path_sigma
+    g = torch.Generator().manual_seed(0)
+    x1, x0 = torch.randn(3, *SHAPE, generator=g), torch.randn(3, *SHAPE, generator=g)
+    denoised = model.denoise(sigma * x0 + x1, x1 - (1 - sigma) * x0)
+    torch.testing.assert_close(denoised, x1)
+    assert model.nfe_per_sample == 9  # heun, 4 steps: 8 + 1
+    guided = make_model(
+        dequantization="gaussian", final_denoise=True, conditional=True, guidance_scale=2.0
+    )
+    assert guided.nfe_per_sample == 18
+    assert make_model(dequantization="uniform", final_denoise=True).nfe_per_sample == 8
+    x0 = model.randn(2, *SHAPE, generator=torch.Generator().manual_seed(0))
+    plain = make_model(dequantization="gaussian")
+    end, passes = model.sample_from(x0)
+    assert passes == 9
+    noisy, _ = plain.sample_from(x0)  # the same weights and solve, without the last pass
+    v = plain.velocity(None, 1.0)(noisy, torch.ones(2))
+    torch.testing.assert_close(end, model.denoise(noisy, v))
+
+
 def test_guidance_scale_zero_and_one_are_the_unconditional_and_conditional_velocities() -> None:
     model = make_model(conditional=True)
     net = model.ema.module

@@ -132,6 +132,7 @@ class FlowMatching(GenerativeModule):
         dequantization: Dequantization = "uniform",  # uniform in bins, or N(bin centre, sigma^2)
         dequantization_sigma: Annotated[float, Gt(0), Le(2)] = 0.38,  # gaussian: in bin widths
         time_power: Annotated[float, Ge(1), Le(8)] = 1.0,  # t = 1 - (1 - u)^k: k > 1 favours data
+        final_denoise: bool = False,  # sample: one more pass at t = 1 removes the path's sigma
         conditional: bool = False,  # model p(x | y) instead of p(x)
         p_uncond: Annotated[float, Ge(0), Le(1)] = 0.1,  # label dropout for guidance (conditional)
         sampler: Sampler = "heun",  # ODE solver of sample: euler | heun (sample_steps) | dopri5
@@ -274,9 +275,9 @@ class FlowMatching(GenerativeModule):
         guidance_scale: float | None = None,
     ) -> float:
         """Network passes per image of `sample` with these settings (defaults: the hparams):
-        steps x evaluations per step x passes for euler and heun; for dopri5, whose steps
-        adapt, the mean measured over this model's dopri5 `sample` calls (NaN before the
-        first: nothing measured yet)."""
+        (steps x evaluations per step + the `final_denoise` pass) x passes for euler and heun;
+        for dopri5, whose steps adapt, the mean measured over this model's dopri5 `sample`
+        calls (NaN before the first: nothing measured yet)."""
         hp = self.hparams
         sampler = sampler or hp.sampler
         if sampler == "dopri5":
@@ -285,7 +286,7 @@ class FlowMatching(GenerativeModule):
             return self._dopri5_passes / self._dopri5_images
         steps = hp.sample_steps if steps is None else steps
         w = hp.guidance_scale if guidance_scale is None else guidance_scale
-        return float(steps * STAGES[sampler] * self._passes(w))
+        return float((steps * STAGES[sampler] + self._denoises) * self._passes(w))
 
     def _solver(self, sampler: Sampler, steps: int) -> Solver:
         hp = self.hparams
@@ -323,8 +324,25 @@ class FlowMatching(GenerativeModule):
         w = hp.guidance_scale if guidance_scale is None else guidance_scale
         y = self.labels_for(y)
         solver = self._solver(sampler or hp.sampler, hp.sample_steps if steps is None else steps)
-        sol = integrate(self.velocity(y, w), x0.to(self.device), 0.0, 1.0, solver)
-        return sol.x, sol.nfe * self._passes(w)
+        velocity = self.velocity(y, w)
+        sol = integrate(velocity, x0.to(self.device), 0.0, 1.0, solver)
+        x1, nfe = sol.x, sol.nfe
+        if self._denoises:
+            x1, nfe = self.denoise(x1, velocity(x1, x1.new_ones(len(x1)))), nfe + 1
+        return x1, nfe * self._passes(w)
+
+    @property
+    def _denoises(self) -> bool:
+        return bool(self.hparams.final_denoise) and self.path_sigma > 0
+
+    def denoise(self, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The data point x_1 the path ends at, from x at t = 1 and the velocity v there: with
+        x = sigma x_0 + x_1 and v = x_1 - (1 - sigma) x_0 (Lipman et al.'s psi_1 and its
+        derivative), x_1 = (1 - sigma) x + sigma v; with the network's v, E[x_1 | x], which
+        removes the path's end noise (sigma = `path_sigma`) that would otherwise round a share
+        of the pixels to a neighbouring level."""
+        sigma = self.path_sigma
+        return (1 - sigma) * x + sigma * v
 
     # -- contract -------------------------------------------------------------------------------
     @torch.no_grad()
