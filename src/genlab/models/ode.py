@@ -236,15 +236,15 @@ class DequantizedBound(NamedTuple):
 
     @property
     def mean(self) -> torch.Tensor:
-        """(1/K) sum_k log p_v(x + u_k), (B,): an unbiased estimate of the one-draw bound
-        E_u log p_v(x + u) <= log P(x) (Jensen), whose variance shrinks as 1/K. Stays unbiased
-        when each log p_v is itself an unbiased (Hutchinson) estimate."""
+        """(1/K) sum_k log w_k, (B,), the draws' log-weights `log_p`: an unbiased estimate of
+        the one-draw bound E_q log w <= log P(x) (Jensen), whose variance shrinks as 1/K. Stays
+        unbiased when each log-density in w is itself an unbiased (Hutchinson) estimate."""
         return self.log_p.mean(0)
 
     @property
     def importance_weighted(self) -> torch.Tensor:
-        """log (1/K) sum_k p_v(x + u_k), (B,): the K-draw importance-weighted bound (Burda et al.
-        2016; models/flow.py's with log q = 0), which tightens as K grows. For exact
+        """log (1/K) sum_k w_k, (B,): the K-draw importance-weighted bound (Burda et al. 2016;
+        models/flow.py's, with log q = 0 for uniform draws), which tightens as K grows. For exact
         log-densities only: the log-mean-exp of noisy estimates is biased upwards, by up to
         log E[exp(noise)] (var / 2 for Gaussian noise), and is then no bound."""
         return torch.logsumexp(self.log_p, dim=0) - math.log(self.log_p.shape[0])
