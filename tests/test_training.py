@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from mlflow.tracking import MlflowClient
 
 from genlab import paths
@@ -28,7 +28,7 @@ from genlab.models.ebm import ENERGY_GAP_STEPS
 from genlab.models.gan import D_WIN_STEPS
 from genlab.paths import MODEL_FILE, run_name
 from genlab.stages import train as train_stage
-from genlab.training import NVML_CHECK, train_family
+from genlab.training import NVML_CHECK, FiniteCheck, MovableCheckpoint, train_family
 from pre_emption import start_until_checkpoint
 
 GENLAB = [sys.executable, "-m", "genlab.cli"]
@@ -277,6 +277,33 @@ def test_a_fit_resumed_after_a_crash_keeps_the_best_epoch_an_uninterrupted_fit_k
         warnings.filterwarnings("error", message="The dirpath has changed")
         _train(params, "vae", prepared_digits, root, scripted)
     assert _final_epoch(root) == 1
+
+
+def test_checkpoint_callbacks_keep_lightnings_state_key(tmp_path: Path) -> None:
+    """The cached key is the one ModelCheckpoint computes: a checkpoint's callback state saved
+    under it is found again on resume."""
+    best = MovableCheckpoint(dirpath=tmp_path, filename="best", monitor="val/nll", mode="min")
+    last = MovableCheckpoint(dirpath=tmp_path, filename="last")
+    for callback in (best, last):
+        assert callback.state_key == ModelCheckpoint.state_key.fget(callback)
+    assert best.state_key != last.state_key
+
+
+def test_the_finite_check_names_the_first_step_with_a_non_finite_value(tmp_path: Path) -> None:
+    """Losses of any shape (a step may log none, a vector, a bfloat16 value): the first step
+    holding a NaN/Inf element, -1 when every element is finite."""
+    check = FiniteCheck(every_n_steps=50, ckpt_dir=tmp_path)
+    cpu = torch.device("cpu")
+    nan, inf = float("nan"), float("inf")
+    check._losses = [(s, [torch.tensor(float(s)), torch.ones(3)]) for s in range(10)]
+    assert check._first_bad_step(cpu).item() == -1
+    check._losses[6][1][1][2] = inf
+    check._losses[8][1][0].fill_(nan)
+    assert check._first_bad_step(cpu).item() == 6
+    check._losses = [(0, []), (1, [torch.ones(0)]), (2, [torch.tensor(nan, dtype=torch.bfloat16)])]
+    assert check._first_bad_step(cpu).item() == 2
+    check._losses = [(0, [torch.ones(0)])]
+    assert check._first_bad_step(cpu).item() == -1
 
 
 def test_a_torn_last_checkpoint_resumes_from_the_best_one_with_a_warning(

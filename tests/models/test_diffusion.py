@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.distributions import Normal, kl_divergence
 
+from genlab.errors import ConfigError
 from genlab.evaluation import vocabulary as v
 from genlab.models.diffusion import (
     Diffusion,
@@ -350,6 +351,12 @@ def test_lightning_checkpoint_round_trip_and_ema(fit_and_reload, conditional: bo
 
 
 # -- the probability-flow ODE likelihood ---------------------------------------------------------
+def test_an_ode_horizon_before_step_one_is_a_config_error() -> None:
+    """0.04 x 20 timesteps ends the ODE before step 1, where its likelihood starts."""
+    with pytest.raises(ConfigError, match=r"ode_horizon 0\.04 x timesteps 20 .* raise ode_horizon"):
+        make_model(ode_horizon=0.04)
+
+
 def test_ode_schedule_meets_the_discrete_one_at_every_step() -> None:
     """abar(tau) equals abar_t at integer tau, and log abar is linear in between, so beta(tau)
     is constant on each interval (t - 1, t]: -log(1 - beta_t)."""

@@ -37,6 +37,7 @@ from annotated_types import Ge, Gt, Le, Lt
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from genlab.errors import ConfigError
 from genlab.models.base import GenerativeModule
 from genlab.models.ode import (
     Divergence,
@@ -184,9 +185,9 @@ class Diffusion(GenerativeModule):
     ) -> None:
         super().__init__(image_shape=image_shape, levels=levels, num_classes=num_classes)
         if ode_horizon * timesteps <= 1:
-            raise ValueError(
-                f"ode_horizon {ode_horizon} x timesteps {timesteps} is not past step 1, where the "
-                "ODE likelihood starts: raise ode_horizon"
+            raise ConfigError(
+                f"diffusion: ode_horizon {ode_horizon} x timesteps {timesteps} is not past step 1, "
+                "where the ODE likelihood starts: raise ode_horizon"
             )
         self.save_hyperparameters(logger=False)  # genlab logs the resolved config itself
         c, h, _ = self.image_shape

@@ -319,6 +319,8 @@ class FlowMatching(GenerativeModule):
     ) -> tuple[torch.Tensor, int]:
         """Solve dx/dt = v from x_0 (B, C, H, W) at t = 0 to t = 1 with the EMA weights; returns
         x_1 as floats and the network passes spent on the batch. A deterministic map of x_0.
+        With `final_denoise`, on a path that ends in noise (`path_sigma` > 0), one more pass at
+        t = 1 takes the solution to the path's end point (`denoise`), counted in the passes.
         Settings default to the hparams."""
         hp = self.hparams
         w = hp.guidance_scale if guidance_scale is None else guidance_scale
