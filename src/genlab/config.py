@@ -166,9 +166,11 @@ class EvaluateParams(Strict):
     # evaluation, `val` for tuning (then nothing reads the test split, and the held-out real row,
     # which needs images outside both train and the reference split, is absent).
     split: Literal["test", "val"] = "test"
-    # Images per sample set; null: as many as the validation split holds, the size at which the
+    # Images per sample set: as many as the validation split holds, the size at which the
     # held-out real images (the validation split) are compared with the reference split, so that
-    # every row of the comparison is measured at one size.
+    # every row of the comparison is measured at one size, and at most this many (null: no
+    # bound), so that one profile serves a folder of any size. With split: val (no held-out
+    # row) it is the size itself. genlab.evaluation.sizes.set_size.
     num_samples: Annotated[int, Field(ge=2, le=MAX_SAMPLES)] | None = None
     # Independent sample sets per family (seeds derived from `seed`): the metrics are their
     # mean, and their spread is the samples' part of every interval.

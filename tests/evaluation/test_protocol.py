@@ -26,7 +26,7 @@ from genlab import paths
 from genlab.compute import load_curve_sets
 from genlab.config import EvaluateParams, parse_params
 from genlab.data.prepared import load_split, read_meta
-from genlab.errors import ConfigError, DataError, GenlabError
+from genlab.errors import DataError, GenlabError
 from genlab.evaluation import vocabulary as v
 from genlab.evaluation.evaluator import Classifier
 from genlab.evaluation.features import EXTRACTOR_NAME, extract_features
@@ -115,12 +115,14 @@ def test_protocol_names_everything_a_number_depends_on(
     assert (tuning.protocol.reference_split, tuning.protocol.heldout_split) == ("val", "none")
 
 
-def test_a_set_larger_than_the_heldout_row_is_one_clear_error(
+def test_num_samples_bounds_a_set_at_the_heldout_rows_size(
     random_evaluator: Path, prepared_digits: Path
 ) -> None:
     meta = read_meta(prepared_digits)
-    with pytest.raises(ConfigError, match=r"evaluate.num_samples is 351 .* at most 350"):
-        measurement(PARAMS.model_copy(update={"num_samples": 351}), random_evaluator, meta)
+    for bound, size in ((351, 350), (10_000, 350), (300, 300)):
+        update = {"num_samples": bound}
+        protocol = measurement(PARAMS.model_copy(update=update), random_evaluator, meta).protocol
+        assert protocol.num_samples == size, bound
     # Tuning on val has no held-out row: any size.
     tuning = PARAMS.model_copy(update={"num_samples": 1000, "split": "val"})
     assert measurement(tuning, random_evaluator, meta).protocol.num_samples == 1000

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from genlab.config import EvaluateParams
-from genlab.errors import ConfigError, DataError
+from genlab.errors import DataError
 
 NO_SPLIT = "none"
 
@@ -21,21 +21,21 @@ def heldout_split(reference_split: str) -> str:
 
 
 def set_size(params: EvaluateParams, splits: Mapping[str, int]) -> int:
-    """Images per sample set: `num_samples`, or (null) as many as the validation split holds.
-    With a held-out real row, a set must not be larger than that row's one set of images."""
+    """Images per sample set: the validation split's size, at most `num_samples` (null: no
+    bound). With a held-out real row the validation split is that row's one set of images, and
+    every row is compared at one size; a bound lets one profile serve folders of any size (the
+    mnist and folder profiles bound it at 500). Without one (tuning on val) `num_samples` is
+    the size itself, with the validation split's size as its default."""
     val = int(splits["val"])
-    n = params.num_samples if params.num_samples is not None else val
-    if heldout_split(params.split) != NO_SPLIT and n > val:
-        raise ConfigError(
-            f"evaluate.num_samples is {n} but the held-out real images (the validation split) "
-            f"are {val}: every row is compared at one size, so set evaluate.num_samples to at "
-            f"most {val} (or null)"
-        )
-    return n
+    if params.num_samples is None:
+        return val
+    if heldout_split(params.split) == NO_SPLIT:
+        return params.num_samples
+    return min(params.num_samples, val)
 
 
 def check_sizes(params: EvaluateParams, splits: Mapping[str, int]) -> None:
-    """DataError (or ConfigError) unless every split is large enough for the protocol: sample
+    """DataError unless every split is large enough for the protocol: sample
     sets and the reference split larger than the precision/recall neighbourhood (k-NN radii),
     the training split holding the data-copying cells and a second neighbour for the
     nearest-neighbour ratio."""
