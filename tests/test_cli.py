@@ -74,25 +74,45 @@ def test_a_dataset_too_small_for_the_evaluation_fails_at_prepare_and_writes_noth
 ) -> None:
     """Two validation images cannot make sample sets for a 3-nearest-neighbour precision and
     recall: `genlab prepare` says so, before anything is written or trained."""
-    import numpy as np
-    from PIL import Image
-
     from genlab.cli import main
 
-    (tmp_path / "images" / "a").mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for i in range(20):
-        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(
-            tmp_path / "images" / "a" / f"{i}.png"
-        )
-    params = {
-        "families": ["vae"],
-        "dataset": {"name": "folder", "path": str(tmp_path / "images"), "image_size": 8},
-    }
-    (tmp_path / "params.yaml").write_text(json.dumps(params))  # JSON is YAML
+    _folder_project(tmp_path, 20, {})
     monkeypatch.chdir(tmp_path)
     assert main(["prepare"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert "would hold 2 images but the evaluation needs at least 4" in err
     assert not (tmp_path / paths.PREPARED).exists()
+
+
+def test_prepare_says_the_set_size_that_num_samples_bounds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """evaluate.num_samples is a bound: above the validation split's size it gives that size,
+    and `genlab prepare` prints the size the evaluation will use."""
+    from genlab.cli import main
+
+    _folder_project(tmp_path, 100, {"num_samples": 500})
+    monkeypatch.chdir(tmp_path)
+    assert main(["prepare"]) == 0
+    out = capsys.readouterr().out
+    assert "train 80, val 10, test 10" in out and out.rstrip().endswith("sample sets of 10 images")
+
+
+def _folder_project(tmp_path: Path, n: int, evaluate: dict) -> None:
+    """params.yaml over a folder dataset of n random 8x8 grey images in one class."""
+    import numpy as np
+    from PIL import Image
+
+    (tmp_path / "images" / "a").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(
+            tmp_path / "images" / "a" / f"{i}.png"
+        )
+    params = {
+        "families": ["vae"],
+        "dataset": {"name": "folder", "path": str(tmp_path / "images"), "image_size": 8},
+        "evaluate": evaluate,
+    }
+    (tmp_path / "params.yaml").write_text(json.dumps(params))  # JSON is YAML
