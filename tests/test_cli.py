@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import importlib
 import json
 import shutil
 import subprocess
@@ -12,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from genlab import paths
+from genlab.cli import STAGE_MODULES, main
 from genlab.families import FAMILIES
 from genlab.models import MODELS
 
@@ -116,3 +119,21 @@ def _folder_project(tmp_path: Path, n: int, evaluate: dict) -> None:
         "evaluate": evaluate,
     }
     (tmp_path / "params.yaml").write_text(json.dumps(params))  # JSON is YAML
+
+
+@pytest.mark.parametrize("command", sorted(STAGE_MODULES))
+def test_each_command_runs_its_stage_module_with_the_collector_back_on(
+    command: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`genlab <command>` imports its module with the garbage collector paused (the imports'
+    cost, `cli._collector_paused`) and runs the command with it on again: here a params file
+    that fails the check, so the command stops with its one-line error after the imports."""
+    module = importlib.import_module(STAGE_MODULES[command])
+    assert callable(getattr(module, "run_score" if command == "score" else "main"))
+    (tmp_path / "params.yaml").write_text("seeds: [0]\nnot_a_key: 1\n")
+    monkeypatch.chdir(tmp_path)
+    argv = {"train": ["train", "vae"], "evaluate": ["evaluate", "vae"]}
+    argv |= {"score": ["score", "vae", "x.npy"]}
+    assert gc.isenabled()
+    assert main(argv.get(command, [command])) == 1
+    assert gc.isenabled()

@@ -30,6 +30,7 @@ from genlab.data.images import (
 from genlab.data.prepared import Meta, load_split, read_meta
 from genlab.errors import DataError, GenlabError
 from genlab.evaluation import ood
+from genlab.evaluation.evaluate import for_inference
 from genlab.evaluation.predict import (
     Scorer,
     detection_shortlist,
@@ -173,7 +174,9 @@ def _read_npy(path: Path, meta: Meta) -> Images:
 # ----------------------------------------------------------------------------- the model
 
 
-def load_family(family: str, *, seed: int, meta: Meta, device: torch.device) -> GenerativeModule:
+def load_family(
+    family: str, *, seed: int, meta: Meta, device: torch.device, channels_last: bool = False
+) -> GenerativeModule:
     """The trained `family` (training seed `seed`) from models/<family>/seed<k>/model.ckpt,
     checked against the data's
     geometry; an error saying what to run when it cannot score images or is missing."""
@@ -196,7 +199,7 @@ def load_family(family: str, *, seed: int, meta: Meta, device: torch.device) -> 
             f"data/prepared holds {meta.levels}-level {meta.shape}; "
             f"re-run uv run dvc repro train@{family}-{seed}"
         )
-    return model.eval()
+    return for_inference(model, channels_last=channels_last)
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -323,7 +326,13 @@ def run_score(
     `seed`: which training seed's model (default: the first of `seeds`)."""
     meta = read_meta(paths.PREPARED)
     seed = params.seeds[0] if seed is None else seed
-    model = load_family(family, seed=seed, meta=meta, device=params.trainer.eval_device)
+    model = load_family(
+        family,
+        seed=seed,
+        meta=meta,
+        device=params.trainer.eval_device,
+        channels_last=params.trainer.channels_last,
+    )
     images = read_images(source, meta=meta)
     table = score_files(
         model,

@@ -5,6 +5,7 @@ Each family is built from its params defaults, shrunk by the `tiny` overrides of
 
 from __future__ import annotations
 
+import copy
 import io
 from typing import get_args
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from genlab.config import family_params_model, parse_params
+from genlab.evaluation.evaluate import for_inference
 from genlab.evaluation.vocabulary import MonteCarlo
 from genlab.models import MODELS, GenerativeModule
 
@@ -132,3 +134,39 @@ def test_weights_and_hparams_load_with_weights_only(family: str, tiny: dict) -> 
     blob = torch.load(buffer, weights_only=True)
     rebuilt = MODELS[family](**blob["hparams"])
     rebuilt.load_state_dict(blob["state_dict"])
+
+
+@pytest.mark.parametrize("conditional", [False, True], ids=["unconditional", "conditional"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_inference_layout_changes_no_number(family: str, conditional: bool, tiny: dict) -> None:
+    """Evaluation and scoring run a CPU model's convolutions channels_last (`for_inference`):
+    every pass the evaluation makes gives the contiguous layout's numbers, to float rounding,
+    and works on its tensors (a `.view` of a channels_last activation would fail here)."""
+    model = build(family, tiny, conditional=conditional)
+    x, labels = images(N)
+    y = labels if conditional else None
+
+    def passes(m: GenerativeModule) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        out = {"samples": m.sample(N, y, generator=torch.Generator().manual_seed(0)).float()}
+        if m.likelihood != "none":
+            torch.manual_seed(0)
+            out["log_prob"] = m.log_prob(x, y, samples=2)
+        if m.ode_likelihood:
+            torch.manual_seed(0)
+            out["ode_log_prob"] = m.ode_log_prob(x, y)
+        if m.has_energy:
+            out["energy"] = m.energy(x, y)
+        if m.has_latent:
+            torch.manual_seed(0)
+            out["latent"] = m.encode(x, y)
+        return {k: v.detach() for k, v in out.items()}
+
+    contiguous = passes(model)
+    fast = for_inference(copy.deepcopy(model), channels_last=False)
+    convs = [m for m in fast.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    fast_passes = passes(fast)
+    assert fast_passes.keys() == contiguous.keys()
+    for name in contiguous:
+        torch.testing.assert_close(fast_passes[name], contiguous[name], rtol=1e-4, atol=1e-4)

@@ -259,6 +259,22 @@ def _check_samples(model: GenerativeModule, samples: torch.Tensor, shape: tuple,
         raise ValueError(f"{type(model).__name__}.sample returned levels above {levels - 1}")
 
 
+def for_inference(model: GenerativeModule, *, channels_last: bool) -> GenerativeModule:
+    """`model` in eval mode with its convolutions in the channels_last layout on a CPU, and on an
+    accelerator where `channels_last` (`trainer.channels_last`) asks.
+
+    On a CPU (oneDNN) channels_last is the faster layout for inference, measured with the
+    digits' default models on 2 cores (2026-12-07, seconds of one call, contiguous ->
+    channels_last): the diffusion bound of 350 images x 20 terms 1.71 -> 1.29, PixelCNN
+    sampling 200 images 0.88 -> 0.71, the flow and VAE bounds 0.49 -> 0.43 and 0.77 -> 0.68.
+    The numbers agree with the contiguous layout's up to float rounding (the convolutions sum in
+    another order). Training gains less on a CPU (diffusion 7%, flow 5%, PixelCNN and VAE
+    nothing), so it follows `trainer.channels_last` alone."""
+    if channels_last or model.device.type == "cpu":
+        model = model.to(memory_format=torch.channels_last)
+    return model.eval()
+
+
 def evaluate_model(
     model: GenerativeModule,
     *,
@@ -270,6 +286,7 @@ def evaluate_model(
     representation: RepresentationParams,
     shard: Shard = ONE_PROCESS,
     curve_sets: Sequence[CurveSet] = (),
+    channels_last: bool = False,
 ) -> Evaluation | None:
     """Every question the family can answer: generation (sample metrics and memorisation over
     `sample_seeds` sample sets, a sample grid), likelihood (held-out nats and the gap to the
@@ -282,7 +299,9 @@ def evaluate_model(
     stage), checked against the protocol before any sampling. Sampling, the costly part, is split
     over the processes of `shard`; rank 0 gathers the samples, extracts their features once and
     computes every metric (other ranks: None). The seconds of each phase are metrics too.
-    `curve_sets`, the training's sample sets, get their FID against validation (`curve`)."""
+    `curve_sets`, the training's sample sets, get their FID against validation (`curve`).
+    The model runs as `for_inference` puts it (`channels_last`: `trainer.channels_last`)."""
+    model = for_inference(model, channels_last=channels_last)
     meta = read_meta(prepared_dir)
     extractor, measured_under = measurement(protocol, evaluator_path, meta)
     reference = load_reference(reference_dir, measured_under)

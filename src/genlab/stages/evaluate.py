@@ -100,6 +100,7 @@ def main(params: Params, family: str, seed: int) -> None:
             representation=params.representation,
             shard=shard,
             curve_sets=curve_sets,
+            channels_last=params.trainer.channels_last,
         )
     if result is None:  # a rank that only sampled: rank 0 writes and logs
         return
