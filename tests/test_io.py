@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -76,3 +80,34 @@ def test_a_folder_is_replaced_whole_or_not_at_all(tmp_path: Path) -> None:
         (new / "b.png").write_bytes(b"second")
     assert [p.name for p in folder.iterdir()] == ["b.png"]  # nothing of the old one mixed in
     assert [p.name for p in tmp_path.iterdir()] == ["grids"]  # no temporary folder left
+
+
+@pytest.mark.parametrize("umask", [0o002, 0o022, 0o077])
+def test_outputs_get_the_permissions_the_umask_gives_a_new_file(tmp_path: Path, umask: int) -> None:
+    """A written file and a swapped-in folder get what `open(path, "w")` and `mkdir` would give
+    them under the process's umask, not the temporary file's private 0o600: a team sharing a
+    project folder (umask 002) reads and updates each other's outputs. In a process of its own,
+    started with that umask."""
+    code = (
+        "import os, sys\n"
+        "from pathlib import Path\n"
+        "from genlab.io import atomic_folder, copy_file_atomic, write_text_atomic\n"
+        "root = Path(sys.argv[1])\n"
+        "write_text_atomic(root / 'a.json', '{}')\n"
+        "copy_file_atomic(root / 'a.json', root / 'b.ckpt')\n"
+        "with atomic_folder(root / 'grids') as tmp:\n"
+        "    (tmp / 'x.png').write_bytes(b'png')\n"
+        "(root / 'plain').write_text('')\n"
+        "(root / 'plain_dir').mkdir()\n"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)],
+        check=True,
+        preexec_fn=lambda: os.umask(umask),
+    )
+
+    def mode(name: str) -> int:
+        return stat.S_IMODE((tmp_path / name).stat().st_mode)
+
+    assert mode("a.json") == mode("b.ckpt") == mode("plain") == 0o666 & ~umask
+    assert mode("grids") == mode("plain_dir") == 0o777 & ~umask

@@ -3,12 +3,15 @@
 Every file genlab writes goes through `atomic_file`: a temporary file with a name of its own in
 the destination's folder (so two writers of one path never share a temporary file), flushed and
 fsynced, renamed over the destination, and the folder fsynced so the rename itself survives a
-crash. A reader sees the old file or the new one, whole.
+crash. A reader sees the old file or the new one, whole. The file gets the permissions a plain
+`open(path, "w")` would give it (0o666 less the umask), not the temporary file's private 0o600:
+outputs are not secret, and a team sharing a project folder reads each other's models.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -26,6 +29,7 @@ def atomic_file(path: str | Path) -> Iterator[IO[bytes]]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
@@ -47,7 +51,7 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
     old = tmp.with_name(tmp.name + "-old")
     try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; outputs are not secret
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; outputs are not secret
         yield tmp
         if path.exists():
             os.replace(path, old)
@@ -56,6 +60,16 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
+
+
+@functools.cache
+def _umask() -> int:
+    """This process's umask, which can only be read by setting it: set to the private 0o077 for
+    the instant between the two calls (a file another thread creates then is private, never
+    more open than asked), once per process (genlab never changes its umask)."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
 
 
 def fsync_file(path: str | Path) -> None:
