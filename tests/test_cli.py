@@ -125,9 +125,10 @@ def _folder_project(tmp_path: Path, n: int, evaluate: dict) -> None:
 def test_each_command_runs_its_stage_module_with_the_collector_back_on(
     command: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """`genlab <command>` imports its module with the garbage collector paused (the imports'
-    cost, `cli._collector_paused`) and runs the command with it on again: here a params file
-    that fails the check, so the command stops with its one-line error after the imports."""
+    """Each command's module (`cli.STAGE_MODULES`) has the entry point `cli.run` calls, and the
+    garbage collector, paused while a command loads its params and imports its module
+    (`cli._collector_paused`), is on again after it, also when that part fails: here a params
+    file that fails the check, so the command stops with its one-line error."""
     module = importlib.import_module(STAGE_MODULES[command])
     assert callable(getattr(module, "run_score" if command == "score" else "main"))
     (tmp_path / "params.yaml").write_text("seeds: [0]\nnot_a_key: 1\n")

@@ -114,8 +114,9 @@ class TrainerParams(Strict):
     # compilation at the start of every fit, repaid by long GPU runs; rarely worth it on CPU.
     compile: bool = False
     # channels_last memory format for the networks: faster convolutions on GPUs with tensor
-    # cores (bf16-mixed/16-mixed). Training on a CPU gains 0-7%; evaluation and scoring on a
-    # CPU use it whatever this says (11-25% faster there: evaluation.evaluate.for_inference).
+    # cores (bf16-mixed/16-mixed). Training on a CPU gains 0-12% (EBM 12%, VAE nothing);
+    # evaluation and scoring on a CPU use it whatever this says (11-25% faster there:
+    # evaluation.evaluate.for_inference).
     channels_last: bool = False
     # Every family stops once its training has used this many FLOPs (genlab.compute: forward,
     # backward and optimiser steps, all processes), within its max_epochs and max_steps: the
