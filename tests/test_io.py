@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import stat
 import subprocess
 import sys
@@ -86,10 +85,11 @@ def test_a_folder_is_replaced_whole_or_not_at_all(tmp_path: Path) -> None:
 def test_outputs_get_the_permissions_the_umask_gives_a_new_file(tmp_path: Path, umask: int) -> None:
     """A written file and a swapped-in folder get what `open(path, "w")` and `mkdir` would give
     them under the process's umask, not the temporary file's private 0o600: a team sharing a
-    project folder (umask 002) reads and updates each other's outputs. In a process of its own,
-    started with that umask."""
+    project folder (umask 002) reads and updates each other's outputs. In a process of its own
+    that sets the umask before genlab reads it."""
     code = (
         "import os, sys\n"
+        "os.umask(int(sys.argv[2], 8))  # before genlab.io reads it\n"
         "from pathlib import Path\n"
         "from genlab.io import atomic_folder, copy_file_atomic, write_text_atomic\n"
         "root = Path(sys.argv[1])\n"
@@ -100,11 +100,7 @@ def test_outputs_get_the_permissions_the_umask_gives_a_new_file(tmp_path: Path, 
         "(root / 'plain').write_text('')\n"
         "(root / 'plain_dir').mkdir()\n"
     )
-    subprocess.run(
-        [sys.executable, "-c", code, str(tmp_path)],
-        check=True,
-        preexec_fn=lambda: os.umask(umask),
-    )
+    subprocess.run([sys.executable, "-c", code, str(tmp_path), oct(umask)], check=True)
 
     def mode(name: str) -> int:
         return stat.S_IMODE((tmp_path / name).stat().st_mode)
