@@ -77,8 +77,6 @@ def test_a_dataset_too_small_for_the_evaluation_fails_at_prepare_and_writes_noth
 ) -> None:
     """Two validation images cannot make sample sets for a 3-nearest-neighbour precision and
     recall: `genlab prepare` says so, before anything is written or trained."""
-    from genlab.cli import main
-
     _folder_project(tmp_path, 20, {})
     monkeypatch.chdir(tmp_path)
     assert main(["prepare"]) == 1
@@ -93,8 +91,6 @@ def test_prepare_says_the_set_size_that_num_samples_bounds(
 ) -> None:
     """evaluate.num_samples is a bound: above the validation split's size it gives that size,
     and `genlab prepare` prints the size the evaluation will use."""
-    from genlab.cli import main
-
     _folder_project(tmp_path, 100, {"num_samples": 500})
     monkeypatch.chdir(tmp_path)
     assert main(["prepare"]) == 0

@@ -175,7 +175,7 @@ def _read_npy(path: Path, meta: Meta) -> Images:
 
 
 def load_family(
-    family: str, *, seed: int, meta: Meta, device: torch.device, channels_last: bool = False
+    family: str, *, seed: int, meta: Meta, device: torch.device, channels_last: bool
 ) -> GenerativeModule:
     """The trained `family` (training seed `seed`) from models/<family>/seed<k>/model.ckpt,
     checked against the data's
