@@ -43,7 +43,7 @@ def _imported_by(argv: list[str], cwd: Path) -> list[str]:
 
 def test_the_console_script_is_the_cli_itself() -> None:
     (script,) = [e for e in entry_points(group="console_scripts") if e.name == "genlab"]
-    assert script.value == "genlab.cli:main"
+    assert script.value == "genlab.cli:entry"
     genlab = shutil.which("genlab", path=str(Path(sys.executable).parent))
     result = subprocess.run([genlab, "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0
@@ -134,3 +134,56 @@ def test_each_command_runs_its_stage_module_with_the_collector_back_on(
     assert gc.isenabled()
     assert main(argv.get(command, [command])) == 1
     assert gc.isenabled()
+
+
+# A command that registers an exit handler (as MLflow and torch do), leaves an object whose
+# finaliser only the interpreter's teardown would run, prints without a newline (buffered in a
+# pipe) and returns status 3.
+_COMMAND = """
+import atexit, sys
+import genlab.cli
+
+class Teardown:
+    def __del__(self):
+        print("teardown ran", file=sys.stderr)
+
+def command(argv=None):
+    atexit.register(lambda: print("exit handler ran", file=sys.stderr))
+    genlab.cli.LEFT = Teardown()
+    sys.stdout.write("output")
+    return 3
+
+genlab.cli.main = command
+genlab.cli.entry()
+"""
+
+
+def test_a_command_ends_after_its_exit_handlers_without_the_interpreter_teardown() -> None:
+    """`genlab` (`cli.entry`) ends with the command's status once every exit handler has run,
+    its output flushed, and skips the teardown (a second or more per stage process): an object
+    left in a module is never finalised. Importing the CLI registers no exit handler, so the
+    one `entry` registers is the first and runs last."""
+    code = "import atexit, genlab.cli; print(atexit._ncallbacks())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "0"
+    result = subprocess.run([sys.executable, "-c", _COMMAND], capture_output=True, text=True)
+    assert (result.returncode, result.stdout) == (3, "output")
+    assert result.stderr == "exit handler ran\n"
+    # Without `entry`, the same command goes through the teardown.
+    plain = _COMMAND.replace("genlab.cli.entry()", "sys.exit(genlab.cli.main())")
+    result = subprocess.run([sys.executable, "-c", plain], capture_output=True, text=True)
+    assert result.returncode == 3
+    assert result.stderr == "exit handler ran\nteardown ran\n"
+
+
+def test_an_argparse_exit_and_an_uncaught_exception_keep_their_status() -> None:
+    """--help exits 0 and a usage error 2 through `entry`; an exception escaping the command
+    is Python's own exit (traceback, status 1)."""
+    for argv, status in ((["--help"], 0), (["no-such-command"], 2)):
+        code = f"import sys, genlab.cli; sys.argv[1:] = {argv!r}; genlab.cli.entry()"
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert result.returncode == status, result.stderr
+    failing = _COMMAND.replace("return 3", 'raise RuntimeError("boom")')
+    result = subprocess.run([sys.executable, "-c", failing], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "RuntimeError: boom" in result.stderr and "teardown ran" in result.stderr
