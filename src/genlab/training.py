@@ -459,7 +459,7 @@ def for_speed(model: GenerativeModule, tp: TrainerParams) -> GenerativeModule:
     """`model` as `trainer.channels_last` and `trainer.compile` ask: channels_last convolutions,
     each network compiled in place (the state dict keeps its keys, checkpoints load as ever)."""
     if tp.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        model = model.convolutions_channels_last()
     if tp.compile:
         for network in model.networks():
             network.compile()

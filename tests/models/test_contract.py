@@ -166,6 +166,13 @@ def test_the_inference_layout_changes_no_number(family: str, conditional: bool, 
     fast = for_inference(copy.deepcopy(model), channels_last=False)
     convs = [m for m in fast.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    # Only convolutions change layout: a buffer of images (an EBM's replay store) keeps its
+    # strides, which DDP's buffer broadcast needs (`convolutions_channels_last`).
+    conv = torch.nn.Conv2d | torch.nn.ConvTranspose2d
+    before = {n: m for n, m in model.named_modules() if not isinstance(m, conv)}
+    for name, module in fast.named_modules():
+        for key, b in module.named_buffers(recurse=False) if name in before else ():
+            assert b.stride() == getattr(before[name], key).stride(), f"{name}.{key}"
     fast_passes = passes(fast)
     assert fast_passes.keys() == contiguous.keys()
     for name in contiguous:

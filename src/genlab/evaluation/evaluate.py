@@ -272,7 +272,7 @@ def for_inference(model: GenerativeModule, *, channels_last: bool) -> Generative
     flow and GAN 3%, VAE nothing) and its numbers would start another trajectory, so it follows
     `trainer.channels_last` alone."""
     if channels_last or model.device.type == "cpu":
-        model = model.to(memory_format=torch.channels_last)
+        model = model.convolutions_channels_last()
     return model.eval()
 
 

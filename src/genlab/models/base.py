@@ -165,6 +165,19 @@ class GenerativeModule(L.LightningModule):
             return
         self.log_dict(values)
 
+    def convolutions_channels_last(self) -> GenerativeModule:
+        """This model, in place, with the weights of its convolutions (averaged copies and
+        spectral-norm parametrisations included) in the channels_last memory format, which their
+        activations then follow. Other 4-D tensors keep their layout: an EBM's replay store of
+        images is state, not a network, and `Module.to(memory_format=...)` would give a
+        1-channel store channels_last strides over the same memory, onto which DDP's buffer
+        broadcast then copies the store itself ("some elements of the input tensor and the
+        written-to tensor refer to a single memory location")."""
+        for module in self.modules():
+            if isinstance(module, torch.nn.Conv2d | torch.nn.ConvTranspose2d):
+                module.to(memory_format=torch.channels_last)
+        return self
+
     def networks(self) -> list[torch.nn.Module]:
         """The trained networks (direct children with parameters): what `trainer.compile`
         compiles. Metrics and averaged copies (an EMA, only used to sample) are left out."""
