@@ -212,7 +212,7 @@ class EBM(GenerativeModule):
     likelihood = "none"
     has_latent = False
     has_energy = True
-    training_defaults: ClassVar[dict[str, int]] = {"max_epochs": 20, "batch_size": 64}
+    training_defaults: ClassVar[dict[str, int]] = {"max_epochs": 15, "batch_size": 64}
 
     def __init__(
         self,
