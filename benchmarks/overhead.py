@@ -104,7 +104,9 @@ def bench_params(family: str, epochs: int, store: Path, args: argparse.Namespace
     trainer["accelerator"] = args.accelerator
     default = "bf16-mixed" if args.accelerator == "gpu" else "32-true"
     trainer["precision"] = args.precision or default
-    trainer["channels_last"], trainer["compile"] = args.channels_last, args.compile
+    if args.channels_last is not None:
+        trainer["channels_last"] = args.channels_last
+    trainer["compile"] = args.compile
     trainer["curve_samples"] = 0  # the training loop alone: no sample sets along it
     if args.cifar:
         folder = str(store.parent / "cifar-sized")
@@ -245,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="1 run of 4 epochs")
     parser.add_argument("--accelerator", default="cpu", choices=("cpu", "gpu"))
     parser.add_argument("--precision", help="default: bf16-mixed on a GPU, 32-true on the CPU")
-    parser.add_argument("--channels-last", action="store_true")
+    # Default: params.yaml's trainer.channels_last (true), as `genlab train` runs.
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction)
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--cifar", action="store_true", help="random 3x32x32 images, 256 levels")
     parser.add_argument("--images", type=int, default=10000, help="with --cifar")
