@@ -137,6 +137,7 @@ def evaluate_variant(
         protocol=params.evaluate,
         prediction=params.prediction,
         representation=params.representation,
+        channels_last=params.trainer.channels_last,
     )
     return evaluation.metrics | {v.TRAIN_WALL_S: result.wall_s}
 

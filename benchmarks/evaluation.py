@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                 protocol=protocol,
                 prediction=prediction,
                 representation=params.representation,
+                channels_last=params.trainer.channels_last,
             )
             row = {p: result.metrics.get(v.phase_seconds(p), 0.0) for p in PHASES}
             row["total"] = time.perf_counter() - start

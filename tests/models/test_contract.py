@@ -171,8 +171,9 @@ def test_the_inference_layout_changes_no_number(family: str, conditional: bool, 
     conv = torch.nn.Conv2d | torch.nn.ConvTranspose2d
     before = {n: m for n, m in model.named_modules() if not isinstance(m, conv)}
     for name, module in fast.named_modules():
-        for key, b in module.named_buffers(recurse=False) if name in before else ():
-            assert b.stride() == getattr(before[name], key).stride(), f"{name}.{key}"
+        if name in before:
+            for key, b in module.named_buffers(recurse=False):
+                assert b.stride() == getattr(before[name], key).stride(), f"{name}.{key}"
     fast_passes = passes(fast)
     assert fast_passes.keys() == contiguous.keys()
     for name in contiguous:
