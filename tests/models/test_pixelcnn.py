@@ -14,6 +14,8 @@ SHAPE = (1, 8, 8)
 LEVELS = 17
 CLASSES = 10
 TINY = {"channels": 12, "num_layers": 2}
+# Both output heads: every property of the factorisation holds for each.
+OUTPUTS = pytest.mark.parametrize("output", ["categorical", "logistic"])
 
 
 def make(shape: tuple[int, int, int] = SHAPE, levels: int = LEVELS, **overrides) -> PixelCNN:
@@ -49,8 +51,9 @@ def order(shape: tuple[int, int, int]) -> list[tuple[int, int, int]]:
 # -- causality ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("channels", [1, 3], ids=["C=1", "C=3"])
 @pytest.mark.parametrize("conditional", [False, True], ids=["unconditional", "conditional"])
+@OUTPUTS
 def test_each_output_depends_on_exactly_the_inputs_before_it(
-    channels: int, conditional: bool
+    channels: int, conditional: bool, output: str
 ) -> None:
     """d logits_i / d x_j is exactly 0 for j >= i and nonzero for every j < i (no blind spot).
 
@@ -58,7 +61,9 @@ def test_each_output_depends_on_exactly_the_inputs_before_it(
     particular the pixel above-right, which a single masked-conv stack misses.
     """
     shape = (channels, 5, 5)
-    model = randomise(make(shape, levels=4, channels=12, num_layers=5, conditional=conditional))
+    model = randomise(
+        make(shape, levels=4, channels=12, num_layers=5, conditional=conditional, output=output)
+    )
     model.double()
     x = torch.rand(1, *shape, dtype=torch.float64) * 2 - 1  # scaled input, (1, C, H, W)
     y = torch.tensor([3]) if conditional else None
@@ -94,10 +99,12 @@ def test_log_prob_is_a_finite_discrete_log_probability(shape: tuple[int, int, in
     assert (log_prob <= 0).all()
 
 
-def test_log_prob_is_the_chain_rule_sum_of_one_step_predictions() -> None:
-    """log p(x) = sum_i log p(x_i | x_<i), each factor read with every x_>=i replaced by noise."""
+@OUTPUTS
+def test_log_prob_is_the_chain_rule_sum_of_one_step_predictions(output: str) -> None:
+    """log p(x) = sum_i log p(x_i | x_<i), each factor read with every x_>=i replaced by noise
+    (for the logistic head this also checks its observed-level path against its all-levels one)."""
     shape = (3, 3, 3)
-    model = randomise(make(shape, levels=5, conditional=True), std=0.3)
+    model = randomise(make(shape, levels=5, conditional=True, output=output), std=0.3)
     x, y = images(4, shape, levels=5)
     noise, _ = images(4, shape, levels=5, seed=1)
     positions = order(shape)
@@ -113,9 +120,10 @@ def test_log_prob_is_the_chain_rule_sum_of_one_step_predictions() -> None:
     torch.testing.assert_close(log_prob.double(), expected, rtol=1e-5, atol=1e-4)
 
 
-def test_probabilities_of_all_images_sum_to_one() -> None:
+@OUTPUTS
+def test_probabilities_of_all_images_sum_to_one(output: str) -> None:
     shape, levels = (2, 1, 2), 3  # 3^4 = 81 images
-    model = randomise(make(shape, levels=levels, channels=8), std=0.5)
+    model = randomise(make(shape, levels=levels, channels=8, output=output), std=0.5)
     every = torch.tensor(list(itertools.product(range(levels), repeat=4)), dtype=torch.uint8)
     with torch.no_grad():
         log_prob = model.log_prob(every.view(-1, *shape))  # (81,)
@@ -136,9 +144,10 @@ def test_a_model_with_zero_logits_scores_log2_levels_bits_per_dim() -> None:
 
 
 @pytest.mark.parametrize("shape", [SHAPE, (3, 4, 4)], ids=["C=1", "C=3"])
-def test_every_parameter_gets_a_gradient(shape: tuple[int, int, int]) -> None:
+@OUTPUTS
+def test_every_parameter_gets_a_gradient(shape: tuple[int, int, int], output: str) -> None:
     """No dead weights: both stacks, both label biases, the skips and the head all take part."""
-    model = make(shape, conditional=True, num_layers=3)  # first, middle and last layers
+    model = make(shape, conditional=True, num_layers=3, output=output)  # first, middle, last
     x, y = images(8, shape)
     model.nll(x, y).mean().backward()
     for name, p in model.named_parameters():
@@ -237,14 +246,15 @@ def test_conditional_samples_are_seeded_and_depend_on_the_label() -> None:
 
 @pytest.mark.parametrize("channels", [1, 3], ids=["C=1", "C=3"])
 @pytest.mark.parametrize("conditional", [False, True], ids=["unconditional", "conditional"])
+@OUTPUTS
 def test_row_windows_give_the_whole_images_logits_at_every_pixel(
-    channels: int, conditional: bool
+    channels: int, conditional: bool, output: str
 ) -> None:
     """The sampler's per-pixel logits (the vertical stack once per row, the horizontal stack on a
     window of the row) equal `forward`'s on the whole image. Two layers reach 2 rows up and 2
     columns left, so on 8 x 9 images the windows cut rows and columns off."""
     shape = (channels, 8, 9)
-    model = randomise(make(shape, conditional=conditional), std=0.3)
+    model = randomise(make(shape, conditional=conditional, output=output), std=0.3)
     assert model.net.reach < 8
     x, y = images(3, shape)
     labels = y if conditional else None
@@ -257,11 +267,12 @@ def test_row_windows_give_the_whole_images_logits_at_every_pixel(
             torch.testing.assert_close(got, whole[..., row, col], atol=1e-5, rtol=1e-5)
 
 
-def test_samples_are_the_ancestral_draws_of_the_whole_images_logits() -> None:
+@OUTPUTS
+def test_samples_are_the_ancestral_draws_of_the_whole_images_logits(output: str) -> None:
     """Drawn from the same generator, the row-window sampler gives the images that drawing each
     pixel from `forward`'s logits on the partial image gives."""
     shape = (3, 5, 6)
-    model = randomise(make(shape, conditional=True), std=0.3)
+    model = randomise(make(shape, conditional=True, output=output), std=0.3)
     y = torch.tensor([2, 7, 7, 0])
     got = model.sample(4, y, generator=torch.Generator().manual_seed(5))
     g = torch.Generator().manual_seed(5)

@@ -12,6 +12,8 @@ from genlab.models.vae import VAE, conv_sizes
 SHAPE = (1, 8, 8)
 LEVELS = 17
 CLASSES = 10
+# Both decoders: every property of the bound holds for each.
+OUTPUTS = pytest.mark.parametrize("output", ["categorical", "logistic"])
 
 
 def make_vae(tiny: dict, **overrides) -> VAE:
@@ -32,8 +34,11 @@ def seeded_log_prob(model: VAE, x: torch.Tensor, y: torch.Tensor | None = None) 
         return model.log_prob(x, y)
 
 
-def test_elbo_is_finite_and_every_parameter_gets_a_gradient(tiny_vae_kwargs: dict) -> None:
-    model = make_vae(tiny_vae_kwargs)
+@OUTPUTS
+def test_elbo_is_finite_and_every_parameter_gets_a_gradient(
+    tiny_vae_kwargs: dict, output: str
+) -> None:
+    model = make_vae(tiny_vae_kwargs, output=output)
     x, _ = images(8)
     terms = model.elbo(x)
     assert terms.elbo.shape == terms.log_px_z.shape == terms.kl.shape == (8,)
@@ -45,9 +50,11 @@ def test_elbo_is_finite_and_every_parameter_gets_a_gradient(tiny_vae_kwargs: dic
         assert p.grad.abs().sum() > 0, name
 
 
-def test_elbo_terms_match_torch_distributions(tiny_vae_kwargs: dict) -> None:
-    """elbo = E_q[log p(x|z)] - KL(q || N(0, I)), each term checked independently."""
-    model = make_vae(tiny_vae_kwargs).eval()
+@OUTPUTS
+def test_elbo_terms_match_torch_distributions(tiny_vae_kwargs: dict, output: str) -> None:
+    """elbo = E_q[log p(x|z)] - KL(q || N(0, I)), each term checked independently (log p(x|z)
+    from every level's logit, which the logistic decoder's observed-level path skips)."""
+    model = make_vae(tiny_vae_kwargs, output=output).eval()
     x, _ = images(6)
     torch.manual_seed(7)
     terms = model.elbo(x)
@@ -61,7 +68,7 @@ def test_elbo_terms_match_torch_distributions(tiny_vae_kwargs: dict) -> None:
         kl = kl_divergence(q, Normal(torch.zeros_like(mu), torch.ones_like(mu))).sum(1)
         torch.manual_seed(7)
         z = mu + torch.randn_like(mu) * q.scale  # the same draw as elbo's
-        logits = model.decoder(z, None)  # (B, L, C, H, W)
+        logits = model._level_logits(model.decoder(z, None))  # (B, L, C, H, W)
         log_px_z = Categorical(logits=logits.movedim(1, -1)).log_prob(x.long()).flatten(1).sum(1)
     torch.testing.assert_close(terms.kl.detach(), kl)
     torch.testing.assert_close(terms.log_px_z.detach(), log_px_z)
@@ -77,10 +84,11 @@ def test_log_prob_is_a_bound_on_a_discrete_log_probability(tiny_vae_kwargs: dict
 
 
 @pytest.mark.parametrize(("encoder", "decoder"), [("mlp", "mlp"), ("conv", "conv")])
+@OUTPUTS
 def test_training_on_a_fixed_batch_improves_the_elbo(
-    tiny_vae_kwargs: dict, encoder: str, decoder: str
+    tiny_vae_kwargs: dict, encoder: str, decoder: str, output: str
 ) -> None:
-    model = make_vae(tiny_vae_kwargs, encoder=encoder, decoder=decoder)
+    model = make_vae(tiny_vae_kwargs, encoder=encoder, decoder=decoder, output=output)
     x, _ = images(16)
     before = -seeded_log_prob(model.eval(), x).mean()
     model.train()
@@ -94,8 +102,9 @@ def test_training_on_a_fixed_batch_improves_the_elbo(
     assert after < before - 1.0, (before, after)
 
 
-def test_sample_is_uint8_in_levels_and_seeded(tiny_vae_kwargs: dict) -> None:
-    model = make_vae(tiny_vae_kwargs).eval()
+@OUTPUTS
+def test_sample_is_uint8_in_levels_and_seeded(tiny_vae_kwargs: dict, output: str) -> None:
+    model = make_vae(tiny_vae_kwargs, output=output).eval()
     s = model.sample(5, generator=torch.Generator().manual_seed(0))
     assert s.dtype == torch.uint8
     assert s.shape == (5, *SHAPE)
@@ -166,16 +175,20 @@ def test_lightning_checkpoint_round_trip(
 
 
 @pytest.mark.parametrize("conditional", [False, True])
-def test_elbo_below_iwae_k_below_iwae_larger_k(tiny_vae_kwargs: dict, conditional: bool) -> None:
+@OUTPUTS
+def test_elbo_below_iwae_k_below_iwae_larger_k(
+    tiny_vae_kwargs: dict, conditional: bool, output: str
+) -> None:
     """Burda et al. (2016), Theorem 1: log p(x) >= IWAE-k' >= IWAE-k >= ELBO for k' > k.
 
     Trained first: at initialisation the decoder hardly depends on z, so the gaps between the
     bounds are no larger than their Monte Carlo noise; after training they are."""
-    model = make_vae(tiny_vae_kwargs, conditional=conditional)
+    model = make_vae(tiny_vae_kwargs, conditional=conditional, output=output)
     x, y = images(64)
     y = y if conditional else None
     optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(100):
+    # The logistic decoder's few outputs come to depend on z more slowly than L free logits.
+    for _ in range(100 if output == "categorical" else 300):
         optimiser.zero_grad()
         (-model.elbo(x, y).elbo.mean()).backward()
         optimiser.step()
@@ -189,9 +202,12 @@ def test_elbo_below_iwae_k_below_iwae_larger_k(tiny_vae_kwargs: dict, conditiona
     assert bounds[256] - bounds[1] > 0.1, bounds  # gaps well above the noise
 
 
-def test_iwae_in_chunks_equals_one_pass(tiny_vae_kwargs: dict, monkeypatch: pytest.MonkeyPatch):
+@OUTPUTS
+def test_iwae_in_chunks_equals_one_pass(
+    tiny_vae_kwargs: dict, monkeypatch: pytest.MonkeyPatch, output: str
+) -> None:
     """Chunking the k samples (to bound memory) changes nothing but the memory used."""
-    model = make_vae(tiny_vae_kwargs).eval()
+    model = make_vae(tiny_vae_kwargs, output=output).eval()
     x, _ = images(5)
     torch.manual_seed(3)
     z = torch.randn(7, 5, tiny_vae_kwargs["latent_dim"])  # the k=7 draws, (k, B, Z)
@@ -213,15 +229,18 @@ def test_iwae_in_chunks_equals_one_pass(tiny_vae_kwargs: dict, monkeypatch: pyte
 
 
 @pytest.mark.parametrize("conditional", [False, True], ids=["unconditional", "conditional"])
-def test_decode_is_the_mode_of_the_decoder(tiny_vae_kwargs: dict, conditional: bool) -> None:
-    model = make_vae(tiny_vae_kwargs, conditional=conditional).eval()
+@OUTPUTS
+def test_decode_is_the_mode_of_the_decoder(
+    tiny_vae_kwargs: dict, conditional: bool, output: str
+) -> None:
+    model = make_vae(tiny_vae_kwargs, conditional=conditional, output=output).eval()
     z = torch.randn(6, tiny_vae_kwargs["latent_dim"], generator=torch.Generator().manual_seed(0))
     y = torch.arange(6) if conditional else None
     x = model.decode(z, y)
     assert x.dtype == torch.uint8 and x.shape == (6, *SHAPE)
     assert int(x.max()) <= LEVELS - 1
     assert torch.equal(x, model.decode(z, y))  # deterministic, unlike sample
-    logits = model.decoder(z, model._onehot(y))  # (B, L, C, H, W)
+    logits = model._level_logits(model.decoder(z, model._onehot(y)))  # (B, L, C, H, W)
     assert torch.equal(x, logits.argmax(dim=1).to(torch.uint8))
     # decode takes exactly what encode returns.
     labels = y[:3] if conditional else None

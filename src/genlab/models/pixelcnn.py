@@ -7,8 +7,10 @@ pixel in channel order (R | G | B), as in eq. 1 (and section 3.4 of van den Oord
 
     p(x | y) = prod_i p(x_i | x_1, ..., x_{i-1}, y),
 
-each factor a softmax over the L integer levels, so log p(x | y) is the exact log-probability of
-the *discrete* image. Every layer is the gated unit of eq. 2, with the label term of eq. 4::
+each factor a softmax over the L integer levels (``output: categorical``) or a discretized mixture
+of K logistics (``output: logistic``; Salimans, Karpathy, Chen & Kingma, *PixelCNN++*, ICLR 2017,
+section 2.1; nn/discretized.py), so log p(x | y) is the exact log-probability of the *discrete*
+image either way. Every layer is the gated unit of eq. 2, with the label term of eq. 4::
 
     h_out = tanh(W_f * h + V_f^T y) ⊙ sigmoid(W_g * h + V_g^T y),
 
@@ -32,6 +34,8 @@ from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import nn
 
 from genlab.models.base import GenerativeModule, bits_per_dim
+from genlab.nn import discretized
+from genlab.nn.discretized import Output
 
 # Images sampled together by `PixelCNN.sample` on a CPU (`pass_size` scales it for an
 # accelerator). A pass reads only a window of a row (GatedPixelCNN.row_logits), so its size does
@@ -169,7 +173,13 @@ class GatedLayer(nn.Module):
 
 
 class GatedPixelCNN(nn.Module):
-    """Scaled image (B, C, H, W) in [-1, 1] -> logits (B, L, C, H, W) of p(x_i | x_<i, y)."""
+    """Scaled image (B, C, H, W) in [-1, 1] -> logits (B, L, C, H, W) of p(x_i | x_<i, y).
+
+    The head gives each pixel and channel either L logits (categorical) or the 3K parameters of a
+    discretized logistic mixture; `forward` turns both into L normalised-or-not logits, and
+    `log_likelihood` scores the observed levels without expanding the mixture to all L of them
+    (nn/discretized.py).
+    """
 
     def __init__(
         self,
@@ -180,10 +190,13 @@ class GatedPixelCNN(nn.Module):
         kernel_size: int,
         num_classes: int | None,
         dropout: float,
+        output: Output = "categorical",
+        mixtures: int = 5,
     ) -> None:
         super().__init__()
         c, h, w = image_shape
-        self.image_channels, self.levels = c, levels
+        self.image_channels, self.levels, self.output = c, levels, output
+        self.head_size = levels if output == "categorical" else 3 * mixtures  # per channel
         # Input: the C image channels plus a constant-ones channel (group -1, visible to every
         # output), so that zero padding differs from the mid level 0.0 near the borders.
         in_groups = torch.cat([torch.arange(c), torch.tensor([-1])])
@@ -203,7 +216,7 @@ class GatedPixelCNN(nn.Module):
             )
             for i in range(num_layers)
         )
-        out_groups = torch.arange(c).repeat_interleave(levels)  # feature c·L + l -> channel c
+        out_groups = torch.arange(c).repeat_interleave(self.head_size)  # feature c·P + p -> c
         # ELU rather than the paper's ReLU: a dead ReLU would make some x_j -> x_i gradients
         # exactly zero, and the causality tests read the receptive field off exact zeros.
         self.head = nn.Sequential(
@@ -219,19 +232,38 @@ class GatedPixelCNN(nn.Module):
         """(B, C, H, W) -> (B, C + 1, H, W): the image and the constant-ones channel."""
         return torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
 
+    def _head(self, skips: torch.Tensor) -> torch.Tensor:
+        """Summed skips (B, F, H', W') -> the head's output (B, C, P, H', W')."""
+        b, _, h, w = skips.shape
+        return self.head(skips).view(b, self.image_channels, self.head_size, h, w)
+
     def _logits(self, skips: torch.Tensor) -> torch.Tensor:
         """Summed skips (B, F, H', W') -> logits (B, L, C, H', W')."""
-        b, _, h, w = skips.shape
-        logits = self.head(skips)  # (B, C·L, H', W')
-        return logits.view(b, self.image_channels, self.levels, h, w).transpose(1, 2)
+        out = self._head(skips)  # (B, C, P, H', W')
+        if self.output == "categorical":
+            return out.transpose(1, 2)
+        return discretized.level_log_probs(out, self.levels)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def _skips(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         v = h_stack = self._with_ones(x)  # (B, C + 1, H, W)
         skips = 0
         for layer in self.layers:
             v, h_stack, skip = layer(v, h_stack, y)
             skips = skips + skip
-        return self._logits(skips)  # (B, L, C, H, W)
+        return skips  # (B, F, H, W)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return self._logits(self._skips(x, y))  # (B, L, C, H, W)
+
+    def log_likelihood(
+        self, x: torch.Tensor, levels: torch.Tensor, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """log p(x_i | x_<i, y) of the observed levels (B, C, H, W) of the scaled image x."""
+        skips = self._skips(x, y)
+        if self.output == "categorical":
+            return -F.cross_entropy(self._logits(skips), levels.long(), reduction="none")
+        # Only the observed level's mass: expanding to all L would cost L times the memory.
+        return discretized.observed_log_probs(self._head(skips), levels, self.levels)
 
     # -- sampling, one row at a time -------------------------------------------------------------
     # Ancestral sampling needs the logits of one pixel per pass. The vertical stack's part of them
@@ -298,6 +330,12 @@ class PixelCNN(GenerativeModule):
         kernel_size: Annotated[int, Ge(3)] = 3,  # odd width of each layer's receptive field
         dropout: Annotated[float, Ge(0), Lt(1)] = 0.1,  # spatial dropout on gated features
         conditional: bool = False,  # model p(x | y) instead of p(x)
+        # Each pixel's distribution over the L levels: a free softmax (L outputs), or PixelCNN++'s
+        # discretized mixture of `mixtures` logistics (3K outputs), whose ordered bins share
+        # strength between neighbouring levels (their choice for CIFAR-10). On MNIST at the mnist
+        # profile's 600 steps the two tied: validation 1.177 against 1.180 bits/dim.
+        output: Output = "categorical",
+        mixtures: Annotated[int, Ge(1)] = 5,  # K logistics per pixel and channel (logistic only)
         lr: Annotated[float, Gt(0)] = 3e-3,  # peak AdamW learning rate, cosine decay to 0
         weight_decay: Annotated[float, Ge(0)] = 0.0,  # AdamW decoupled weight decay
     ) -> None:
@@ -315,6 +353,8 @@ class PixelCNN(GenerativeModule):
             kernel_size,
             num_classes if conditional else None,
             dropout,
+            output,
+            mixtures,
         )
 
     # -- network inputs -------------------------------------------------------------------------
@@ -331,8 +371,7 @@ class PixelCNN(GenerativeModule):
     # -- objective ------------------------------------------------------------------------------
     def nll(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """-log p(x | y) = -sum_i log p(x_i | x_<i, y) in nats per image (eq. 1), (B,)."""
-        logits = self.logits(x, y)  # (B, L, C, H, W)
-        return F.cross_entropy(logits, x.long(), reduction="none").flatten(1).sum(1)
+        return -self.net.log_likelihood(self._scale(x), x, y).flatten(1).sum(1)
 
     # -- contract -------------------------------------------------------------------------------
     def log_prob(

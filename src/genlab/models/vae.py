@@ -1,8 +1,10 @@
 """Variational autoencoder with an exact discrete decoder over the L levels of each pixel.
 
 Kingma & Welling, *Auto-Encoding Variational Bayes* (2014). The decoder is a categorical
-distribution over the L integer levels of every pixel and channel, so the ELBO (eq. 3) is a lower
-bound on log P(x) of the *discrete* image, comparable with every other family's likelihood.
+distribution over the L integer levels of every pixel and channel (``output: categorical``, L
+outputs each) or PixelCNN++'s discretized mixture of K logistics (``output: logistic``, 3K outputs
+each; nn/discretized.py), so the ELBO (eq. 3) is a lower bound on log P(x) of the *discrete*
+image, comparable with every other family's likelihood.
 Conditional form (Sohn et al. 2015): the label, one-hot, enters both encoder and decoder.
 
 Networks: convolutional by default, an encoder that halves the image with stride-2 convolutions
@@ -23,6 +25,8 @@ from annotated_types import Ge, Gt, Lt
 from torch import nn
 
 from genlab.models.base import GenerativeModule
+from genlab.nn import discretized
+from genlab.nn.discretized import Output
 
 
 def mlp(sizes: list[int], dropout: float) -> nn.Sequential:
@@ -110,7 +114,8 @@ class ConvEncoder(nn.Module):
 
 
 class MLPDecoder(nn.Module):
-    """p(x | z, y): independent categoricals over L levels; returns logits (B, L, C, H, W)."""
+    """p(x | z, y), independent over pixels and channels: `outputs` P numbers for each (L logits,
+    or 3K mixture parameters); returns (B, P, C, H, W)."""
 
     def __init__(
         self,
@@ -119,26 +124,27 @@ class MLPDecoder(nn.Module):
         hidden_dim: int,
         num_layers: int,
         image_shape: tuple[int, int, int],
-        levels: int,
+        outputs: int,
         dropout: float,
     ):
         super().__init__()
         self.image_shape = image_shape
-        self.levels = levels
+        self.outputs = outputs
         dims = math.prod(image_shape)
         self.net = mlp(
-            [latent_dim + cond_dim] + [hidden_dim] * num_layers + [dims * levels], dropout
+            [latent_dim + cond_dim] + [hidden_dim] * num_layers + [dims * outputs], dropout
         )
 
     def forward(self, z: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
         h = z if c is None else torch.cat([z, c], dim=1)
-        return self.net(h).view(-1, self.levels, *self.image_shape)  # (B, L, C, H, W)
+        return self.net(h).view(-1, self.outputs, *self.image_shape)  # (B, P, C, H, W)
 
 
 class ConvDecoder(nn.Module):
     """p(x | z, y) mirroring ConvEncoder: a linear map to the smallest feature map, then at
     every resolution a nearest-neighbour upsampling and two 3x3 convolutions that halve the
-    channels; a final 3x3 convolution gives the logits (B, L, C, H, W)."""
+    channels; a final 3x3 convolution gives the P outputs of every pixel and channel,
+    (B, P, C, H, W)."""
 
     def __init__(
         self,
@@ -146,11 +152,11 @@ class ConvDecoder(nn.Module):
         cond_dim: int,
         channels: int,
         image_shape: tuple[int, int, int],
-        levels: int,
+        outputs: int,
     ):
         super().__init__()
         self.image_shape = image_shape
-        self.levels = levels
+        self.outputs = outputs
         c, h, w = image_shape
         sizes_h, sizes_w = conv_sizes(h), conv_sizes(w)
         n = max(len(sizes_h), len(sizes_w)) - 1
@@ -165,18 +171,18 @@ class ConvDecoder(nn.Module):
             layers += [nn.Conv2d(ch, ch // 2, 3, padding=1), nn.LeakyReLU(0.2)]
             layers += [nn.Conv2d(ch // 2, ch // 2, 3, padding=1), nn.LeakyReLU(0.2)]
             ch //= 2
-        layers.append(nn.Conv2d(ch, levels * c, 3, padding=1))
+        layers.append(nn.Conv2d(ch, outputs * c, 3, padding=1))
         self.net = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
         h = z if c is None else torch.cat([z, c], dim=1)  # (B, Z + K)
         h = self.stem(h).view(-1, *self.top)  # (B, C', H', W')
-        return self.net(h).view(-1, self.levels, *self.image_shape)  # (B, L, C, H, W)
+        return self.net(h).view(-1, self.outputs, *self.image_shape)  # (B, P, C, H, W)
 
 
 # Images x importance samples decoded at once by `VAE.iwae` on a CPU (bounds memory for large k;
-# `pass_size` scales it for an accelerator), for images with IWAE_CHUNK_LOGITS decoder logits each
-# (the digits: 8x8 pixels x 17 levels); larger images, more channels or levels get proportionally
+# `pass_size` scales it for an accelerator), for images with IWAE_CHUNK_LOGITS decoder outputs each
+# (the digits: 8x8 pixels x 17 levels); larger images, more channels or outputs get proportionally
 # fewer, but never less than one sample of every image in the batch (a 3x64x64 image at 256
 # levels; the caller's batch size rules then). Measured on 2 CPU cores (2026-12-03): 100k decodes/s
 # in passes of 2048, 17-23k in passes of 16384 (the previous size), 82k of 512.
@@ -209,6 +215,11 @@ class VAE(GenerativeModule):
         num_layers: Annotated[int, Ge(1)] = 2,  # hidden layers in each MLP (conv head: one less)
         dropout: Annotated[float, Ge(0), Lt(1)] = 0.1,  # dropout after each hidden MLP layer
         conditional: bool = False,  # model p(x | y) instead of p(x)
+        # p(x | z)'s distribution over the L levels of each pixel: a free softmax (L outputs) or a
+        # discretized mixture of `mixtures` logistics (3K outputs: for 256 levels the decoder's
+        # last layer and every IWAE sample's score cost about 3K/L as much).
+        output: Output = "categorical",
+        mixtures: Annotated[int, Ge(1)] = 5,  # K logistics per pixel and channel (logistic only)
         eval_samples: Annotated[int, Ge(1)] = 1000,  # IWAE k for held-out evaluation (1: ELBO)
         lr: Annotated[float, Gt(0)] = 1e-3,  # Adam learning rate
         weight_decay: Annotated[float, Ge(0)] = 0.0,  # AdamW decoupled weight decay
@@ -217,6 +228,7 @@ class VAE(GenerativeModule):
         self.save_hyperparameters(logger=False)  # genlab logs the resolved config itself
         cond_dim = num_classes if conditional else 0
         shape = self.image_shape
+        outputs = levels if output == "categorical" else 3 * mixtures
         if encoder == "conv":
             self.encoder = ConvEncoder(
                 shape, cond_dim, channels, hidden_dim, num_layers, latent_dim, dropout
@@ -224,10 +236,10 @@ class VAE(GenerativeModule):
         else:
             self.encoder = MLPEncoder(shape, cond_dim, hidden_dim, num_layers, latent_dim, dropout)
         if decoder == "conv":
-            self.decoder = ConvDecoder(latent_dim, cond_dim, channels, shape, levels)
+            self.decoder = ConvDecoder(latent_dim, cond_dim, channels, shape, outputs)
         else:
             self.decoder = MLPDecoder(
-                latent_dim, cond_dim, hidden_dim, num_layers, shape, levels, dropout
+                latent_dim, cond_dim, hidden_dim, num_layers, shape, outputs, dropout
             )
 
     # -- network inputs -------------------------------------------------------------------------
@@ -238,13 +250,27 @@ class VAE(GenerativeModule):
     def _onehot(self, y: torch.Tensor | None) -> torch.Tensor | None:
         return None if y is None else F.one_hot(y, self.num_classes).float()
 
+    # -- the decoder's distribution ---------------------------------------------------------------
+    def _log_px_z(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """log p(x | z) of the levels x (B, C, H, W) from the decoder's (B, P, C, H, W), (B,)."""
+        if self.hparams.output == "categorical":
+            log_p = -F.cross_entropy(out, x.long(), reduction="none")
+        else:
+            log_p = discretized.observed_log_probs(out.transpose(1, 2), x, self.levels)
+        return log_p.flatten(1).sum(1)
+
+    def _level_logits(self, out: torch.Tensor) -> torch.Tensor:
+        """Every level's logit from the decoder's (B, P, C, H, W), (B, L, C, H, W)."""
+        if self.hparams.output == "categorical":
+            return out
+        return discretized.level_log_probs(out.transpose(1, 2), self.levels)
+
     # -- objective ------------------------------------------------------------------------------
     def elbo(self, x: torch.Tensor, y: torch.Tensor | None = None) -> ELBO:
         c = self._onehot(y)
         mu, logvar = self.encoder(self._scale(x), c)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)  # reparameterisation
-        logits = self.decoder(z, c)  # (B, L, C, H, W)
-        log_px_z = -F.cross_entropy(logits, x.long(), reduction="none").flatten(1).sum(1)
+        log_px_z = self._log_px_z(self.decoder(z, c), x)
         kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(1)
         return ELBO(elbo=log_px_z - kl, log_px_z=log_px_z, kl=kl)
 
@@ -262,16 +288,15 @@ class VAE(GenerativeModule):
         prior = torch.distributions.Normal(0.0, 1.0)
         posterior = torch.distributions.Normal(mu, std)
         per_pass = self.pass_size(IWAE_CHUNK) * IWAE_CHUNK_LOGITS
-        chunk = max(1, per_pass // (x.shape[0] * self.dims * self.levels))
+        chunk = max(1, per_pass // (x.shape[0] * self.dims * self.decoder.outputs))
         log_w = []
         for start in range(0, k, chunk):
             n = min(chunk, k - start)
             z = posterior.rsample((n,))  # (n, B, Z)
             zc = z.flatten(0, 1)  # (n*B, Z)
             cc = None if c is None else c.repeat(n, 1)  # (n*B, K), sample-major like zc
-            logits = self.decoder(zc, cc)  # (n*B, L, C, H, W)
-            target = x.long().repeat(n, 1, 1, 1)  # (n*B, C, H, W)
-            log_px_z = -F.cross_entropy(logits, target, reduction="none").flatten(1).sum(1)
+            target = x.repeat(n, 1, 1, 1)  # (n*B, C, H, W)
+            log_px_z = self._log_px_z(self.decoder(zc, cc), target)  # (n*B,)
             log_pz = prior.log_prob(z).sum(-1)  # (n, B)
             log_qz = posterior.log_prob(z).sum(-1)  # (n, B)
             log_w.append(log_px_z.view(n, -1) + log_pz - log_qz)
@@ -293,7 +318,7 @@ class VAE(GenerativeModule):
         self, n: int, y: torch.Tensor | None = None, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         z = self.randn(n, self.hparams.latent_dim, generator=generator)
-        logits = self.decoder(z, self._onehot(self.labels_for(y)))
+        logits = self._level_logits(self.decoder(z, self._onehot(self.labels_for(y))))
         return self.sample_categorical(logits, generator).to(torch.uint8)  # (n, C, H, W)
 
     @torch.no_grad()
@@ -306,8 +331,9 @@ class VAE(GenerativeModule):
     def decode(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Latents (n, Z) -> uint8 images (n, C, H, W): the mode of p(x | z, y), the most probable
         level of every pixel (deterministic, unlike `sample`, which draws from it)."""
-        logits = self.decoder(z.to(self.device, self.dtype), self._onehot(self.labels_for(y)))
-        return logits.argmax(dim=1).to(torch.uint8)  # (n, L, C, H, W) -> (n, C, H, W)
+        out = self.decoder(z.to(self.device, self.dtype), self._onehot(self.labels_for(y)))
+        logits = self._level_logits(out)  # (n, L, C, H, W)
+        return logits.argmax(dim=1).to(torch.uint8)  # (n, C, H, W)
 
     # -- system ---------------------------------------------------------------------------------
     def training_step(
