@@ -187,7 +187,8 @@ def test_sample_is_uint8_in_levels_and_seeded(shape: tuple[int, int, int]) -> No
     assert not torch.equal(s, model.sample(5, generator=torch.Generator().manual_seed(1)))
 
 
-def test_samples_follow_the_distribution_log_prob_scores() -> None:
+@OUTPUTS
+def test_samples_follow_the_distribution_log_prob_scores(output: str) -> None:
     """On a 2-channel, 1 x 2 image with 2 levels, sample frequencies of all 16 images match
     exp(log_prob): ancestral sampling and the likelihood share one factorisation and order.
 
@@ -199,7 +200,7 @@ def test_samples_follow_the_distribution_log_prob_scores() -> None:
     g = torch.Generator().manual_seed(0)
     pick = torch.multinomial(torch.tensor([0.3, 0.25, 0.2, 0.15, 0.1]), 256, True, generator=g)
     data = every[torch.tensor([0, 15, 6, 9, 3])][pick]  # (256, C, H, W)
-    model = make(shape, levels=levels, channels=8).train()
+    model = make(shape, levels=levels, channels=8, output=output).train()
     optimiser = torch.optim.Adam(model.parameters(), lr=3e-2)
     for _ in range(60):
         optimiser.zero_grad()
@@ -278,8 +279,8 @@ def test_samples_are_the_ancestral_draws_of_the_whole_images_logits(output: str)
     g = torch.Generator().manual_seed(5)
     x = torch.zeros(4, *shape, dtype=torch.long)
     for row, col, ch in itertools.product(range(shape[1]), range(shape[2]), range(shape[0])):
-        logits = model.logits(x, y)[:, :, ch, row, col]
-        x[:, ch, row, col] = model.sample_categorical(logits, g)
+        out = model.net.outputs(model._scale(x), y)[:, ch, :, row, col]  # (B, P)
+        x[:, ch, row, col] = model.draw(out, g)
     assert torch.equal(got, x.to(torch.uint8))
 
 

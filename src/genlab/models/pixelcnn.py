@@ -237,9 +237,8 @@ class GatedPixelCNN(nn.Module):
         b, _, h, w = skips.shape
         return self.head(skips).view(b, self.image_channels, self.head_size, h, w)
 
-    def _logits(self, skips: torch.Tensor) -> torch.Tensor:
-        """Summed skips (B, F, H', W') -> logits (B, L, C, H', W')."""
-        out = self._head(skips)  # (B, C, P, H', W')
+    def logits_of(self, out: torch.Tensor) -> torch.Tensor:
+        """The head's output (B, C, P, H', W') -> logits (B, L, C, H', W')."""
         if self.output == "categorical":
             return out.transpose(1, 2)
         return discretized.level_log_probs(out, self.levels)
@@ -252,18 +251,22 @@ class GatedPixelCNN(nn.Module):
             skips = skips + skip
         return skips  # (B, F, H, W)
 
+    def outputs(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """The head's output at every pixel, (B, C, P, H, W): L logits or 3K mixture params."""
+        return self._head(self._skips(x, y))
+
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        return self._logits(self._skips(x, y))  # (B, L, C, H, W)
+        return self.logits_of(self.outputs(x, y))  # (B, L, C, H, W)
 
     def log_likelihood(
         self, x: torch.Tensor, levels: torch.Tensor, y: torch.Tensor | None = None
     ) -> torch.Tensor:
         """log p(x_i | x_<i, y) of the observed levels (B, C, H, W) of the scaled image x."""
-        skips = self._skips(x, y)
+        out = self.outputs(x, y)  # (B, C, P, H, W)
         if self.output == "categorical":
-            return -F.cross_entropy(self._logits(skips), levels.long(), reduction="none")
+            return -F.cross_entropy(self.logits_of(out), levels.long(), reduction="none")
         # Only the observed level's mass: expanding to all L would cost L times the memory.
-        return discretized.observed_log_probs(self._head(skips), levels, self.levels)
+        return discretized.observed_log_probs(out, levels, self.levels)
 
     # -- sampling, one row at a time -------------------------------------------------------------
     # Ancestral sampling needs the logits of one pixel per pass. The vertical stack's part of them
@@ -295,7 +298,7 @@ class GatedPixelCNN(nn.Module):
             v = layer.dropout(gate(v_pre))
         return links
 
-    def row_logits(
+    def row_outputs(
         self,
         x: torch.Tensor,
         links: list[torch.Tensor],
@@ -303,15 +306,19 @@ class GatedPixelCNN(nn.Module):
         row: int,
         col: int,
     ) -> torch.Tensor:
-        """Logits (B, L, C) of pixel (row, col) from the scaled image x (B, C, H, W), its pixels
-        after (row, col) not read, and `links(x, y, row)`."""
+        """The head's output (B, C, P) at pixel (row, col) from the scaled image x (B, C, H, W),
+        its pixels after (row, col) not read, and `links(x, y, row)`."""
         left = max(0, col - self.reach)
         h = self._with_ones(x[:, :, row : row + 1, left : col + 1])  # (B, C + 1, 1, W')
         skips = 0
         for layer, link in zip(self.layers, links, strict=True):
             h, skip = layer.horizontal_out(h, link[..., left : col + 1], y, row, left)
             skips = skips + skip
-        return self._logits(skips)[:, :, :, 0, -1]
+        return self._head(skips[..., -1:])[..., 0, 0]  # the head is 1x1: the last pixel only
+
+    def row_logits(self, *args, **kwargs) -> torch.Tensor:
+        """`row_outputs` as logits (B, L, C)."""
+        return self.logits_of(self.row_outputs(*args, **kwargs)[..., None, None])[..., 0, 0]
 
 
 class PixelCNN(GenerativeModule):
@@ -408,10 +415,18 @@ class PixelCNN(GenerativeModule):
             links = self.net.links(scaled, y, row)
             for col in range(w):
                 for ch in range(c):
-                    logits = self.net.row_logits(scaled, links, y, row, col)  # (n, L, C)
-                    x[:, ch, row, col] = self.sample_categorical(logits[:, :, ch], generator)
+                    out = self.net.row_outputs(scaled, links, y, row, col)  # (n, C, P)
+                    x[:, ch, row, col] = self.draw(out[:, ch], generator)
                     scaled[:, ch, row, col] = self._scale(x[:, ch, row, col])
         return x.to(torch.uint8)  # (n, C, H, W)
+
+    def draw(self, out: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """One level per image (n,) from the head's output for one pixel and channel (n, P)."""
+        if self.net.output == "categorical":
+            return self.sample_categorical(out, generator)
+        out = out[:, :, None, None]  # (n, 3K, 1, 1)
+        uniform = lambda shape: self.rand(*shape, generator=generator)  # noqa: E731
+        return discretized.sample(out, self.levels, uniform)[:, 0, 0]
 
     # -- system ---------------------------------------------------------------------------------
     def training_step(

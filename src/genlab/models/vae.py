@@ -318,8 +318,11 @@ class VAE(GenerativeModule):
         self, n: int, y: torch.Tensor | None = None, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         z = self.randn(n, self.hparams.latent_dim, generator=generator)
-        logits = self._level_logits(self.decoder(z, self._onehot(self.labels_for(y))))
-        return self.sample_categorical(logits, generator).to(torch.uint8)  # (n, C, H, W)
+        out = self.decoder(z, self._onehot(self.labels_for(y)))  # (n, P, C, H, W)
+        if self.hparams.output == "categorical":
+            return self.sample_categorical(out, generator).to(torch.uint8)  # (n, C, H, W)
+        uniform = lambda shape: self.rand(*shape, generator=generator)  # noqa: E731
+        return discretized.sample(out.transpose(1, 2), self.levels, uniform).to(torch.uint8)
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -332,8 +335,9 @@ class VAE(GenerativeModule):
         """Latents (n, Z) -> uint8 images (n, C, H, W): the mode of p(x | z, y), the most probable
         level of every pixel (deterministic, unlike `sample`, which draws from it)."""
         out = self.decoder(z.to(self.device, self.dtype), self._onehot(self.labels_for(y)))
-        logits = self._level_logits(out)  # (n, L, C, H, W)
-        return logits.argmax(dim=1).to(torch.uint8)  # (n, C, H, W)
+        if self.hparams.output == "categorical":
+            return out.argmax(dim=1).to(torch.uint8)  # (n, L, C, H, W) -> (n, C, H, W)
+        return discretized.mode(out.transpose(1, 2), self.levels).to(torch.uint8)
 
     # -- system ---------------------------------------------------------------------------------
     def training_step(

@@ -9,6 +9,7 @@ levels share what they learn. Both families use it identically, hence here (DESI
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -21,6 +22,11 @@ Output = Literal["categorical", "logistic"]
 # PixelCNN++'s floor on a logistic's log-scale (its code's -7): below it a bin of width 2/255
 # already holds all the mass, and a smaller scale only makes the gradients stiff.
 MIN_LOG_SCALE = -7.0
+
+# `mode` builds the (images, L, C, K, H, W) table this many entries at a time: 64M floats, so a
+# few of its intermediates stay within a GiB or two (a 3x64x64 image at 256 levels and K = 5 has
+# 15.7M entries, so it goes 4 images at a time).
+MODE_TABLE_ENTRIES = 64 * 2**20
 
 
 def log_mass(
@@ -64,8 +70,39 @@ def observed_log_probs(params: torch.Tensor, x: torch.Tensor, levels: int) -> to
 
 def level_log_probs(params: torch.Tensor, levels: int) -> torch.Tensor:
     """Every level's log-probability (normalised logits) from params (B, C, 3K, H, W),
-    (B, L, C, H, W): L times the work of `observed_log_probs`, for sampling and the mode."""
+    (B, L, C, H, W): L times the work and memory of `observed_log_probs` (`sample` and `mode`
+    avoid building it for many images at once)."""
     level = torch.arange(levels, device=params.device).view(-1, 1, 1, 1, 1)  # (L, 1, 1, 1, 1)
     centre = level.to(params.dtype) / (levels - 1) * 2 - 1
     # (B, 1, C, 3K, H, W) against (L, 1, 1, 1, 1) -> (B, L, C, H, W)
     return log_mass(params.unsqueeze(1), centre, levels, level == 0, level == levels - 1)
+
+
+def sample(
+    params: torch.Tensor, levels: int, uniform: Callable[[torch.Size], torch.Tensor]
+) -> torch.Tensor:
+    """Integer levels (..., H, W) drawn from params (..., 3K, H, W); `uniform(shape)` gives
+    U[0, 1) draws (a seeded generator's).
+
+    PixelCNN++'s sampler, with no table over the L levels (which costs L times the memory): a
+    component by the Gumbel-max trick, a continuous draw mu + s (log u - log(1 - u)) from its
+    logistic, rounded to the nearest level's centre. The bins partition the line (the edge bins
+    reach -inf and +inf, so the clamp), hence each level is drawn with exactly its mass.
+    """
+    logit, mu, log_s = params.unflatten(-3, (3, -1)).unbind(-4)  # each (..., K, H, W)
+    gumbel = -torch.log(-torch.log(uniform(logit.shape).clamp(min=1e-20)))
+    k = (logit + gumbel).argmax(dim=-3, keepdim=True)  # (..., 1, H, W)
+    mu_k = mu.gather(-3, k).squeeze(-3)  # (..., H, W)
+    s_k = log_s.gather(-3, k).squeeze(-3).clamp(min=MIN_LOG_SCALE).exp()
+    u = uniform(mu_k.shape)  # u = 0 gives -inf: the first level, after the clamp
+    v = mu_k + s_k * (torch.log(u) - torch.log1p(-u))
+    return torch.round((v + 1) / 2 * (levels - 1)).clamp(0, levels - 1).long()
+
+
+def mode(params: torch.Tensor, levels: int) -> torch.Tensor:
+    """The most probable level (B, C, H, W) under params (B, C, 3K, H, W), from the table of
+    `level_log_probs` built a few images at a time so that its memory stays bounded."""
+    per_image = levels * params[0].numel() // 3  # table entries of one image, over K components
+    chunk = max(1, MODE_TABLE_ENTRIES // per_image)
+    parts = [level_log_probs(p, levels).argmax(dim=1) for p in params.split(chunk)]
+    return torch.cat(parts) if parts else params.new_zeros(0, dtype=torch.long)
