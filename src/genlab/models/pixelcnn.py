@@ -316,9 +316,17 @@ class GatedPixelCNN(nn.Module):
             skips = skips + skip
         return self._head(skips[..., -1:])[..., 0, 0]  # the head is 1x1: the last pixel only
 
-    def row_logits(self, *args, **kwargs) -> torch.Tensor:
+    def row_logits(
+        self,
+        x: torch.Tensor,
+        links: list[torch.Tensor],
+        y: torch.Tensor | None,
+        row: int,
+        col: int,
+    ) -> torch.Tensor:
         """`row_outputs` as logits (B, L, C)."""
-        return self.logits_of(self.row_outputs(*args, **kwargs)[..., None, None])[..., 0, 0]
+        out = self.row_outputs(x, links, y, row, col)[..., None, None]  # (B, C, P, 1, 1)
+        return self.logits_of(out)[..., 0, 0]
 
 
 class PixelCNN(GenerativeModule):
