@@ -264,7 +264,8 @@ def test_row_windows_give_the_whole_images_logits_at_every_pixel(
     for row in range(shape[1]):
         links = model.net.links(scaled, labels, row)
         for col in range(shape[2]):
-            got = model.net.row_logits(scaled, links, labels, row, col)  # (B, L, C)
+            out = model.net.row_outputs(scaled, links, labels, row, col)  # (B, C, P)
+            got = model.net.logits_of(out[..., None, None])[..., 0, 0]  # (B, L, C)
             torch.testing.assert_close(got, whole[..., row, col], atol=1e-5, rtol=1e-5)
 
 

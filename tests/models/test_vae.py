@@ -8,6 +8,7 @@ from torch.distributions import Categorical, Normal, kl_divergence
 
 from genlab.evaluation import vocabulary as v
 from genlab.models.vae import VAE, conv_sizes
+from genlab.nn.discretized import level_log_probs
 
 SHAPE = (1, 8, 8)
 LEVELS = 17
@@ -26,6 +27,13 @@ def images(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.randint(0, LEVELS, (n, *SHAPE), generator=g, dtype=torch.uint8)
     y = torch.randint(0, CLASSES, (n,), generator=g)
     return x, y
+
+
+def level_logits(model: VAE, out: torch.Tensor) -> torch.Tensor:
+    """Every level's logit (B, L, C, H, W) from the decoder's output (B, P, C, H, W)."""
+    if model.hparams.output == "categorical":
+        return out
+    return level_log_probs(out.transpose(1, 2), LEVELS)
 
 
 def seeded_log_prob(model: VAE, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -68,7 +76,7 @@ def test_elbo_terms_match_torch_distributions(tiny_vae_kwargs: dict, output: str
         kl = kl_divergence(q, Normal(torch.zeros_like(mu), torch.ones_like(mu))).sum(1)
         torch.manual_seed(7)
         z = mu + torch.randn_like(mu) * q.scale  # the same draw as elbo's
-        logits = model._level_logits(model.decoder(z, None))  # (B, L, C, H, W)
+        logits = level_logits(model, model.decoder(z, None))  # (B, L, C, H, W)
         log_px_z = Categorical(logits=logits.movedim(1, -1)).log_prob(x.long()).flatten(1).sum(1)
     torch.testing.assert_close(terms.kl.detach(), kl)
     torch.testing.assert_close(terms.log_px_z.detach(), log_px_z)
@@ -240,7 +248,7 @@ def test_decode_is_the_mode_of_the_decoder(
     assert x.dtype == torch.uint8 and x.shape == (6, *SHAPE)
     assert int(x.max()) <= LEVELS - 1
     assert torch.equal(x, model.decode(z, y))  # deterministic, unlike sample
-    logits = model._level_logits(model.decoder(z, model._onehot(y)))  # (B, L, C, H, W)
+    logits = level_logits(model, model.decoder(z, model._onehot(y)))  # (B, L, C, H, W)
     assert torch.equal(x, logits.argmax(dim=1).to(torch.uint8))
     # decode takes exactly what encode returns.
     labels = y[:3] if conditional else None

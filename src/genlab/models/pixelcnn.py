@@ -38,7 +38,7 @@ from genlab.nn import discretized
 from genlab.nn.discretized import Output
 
 # Images sampled together by `PixelCNN.sample` on a CPU (`pass_size` scales it for an
-# accelerator). A pass reads only a window of a row (GatedPixelCNN.row_logits), so its size does
+# accelerator). A pass reads only a window of a row (GatedPixelCNN.row_outputs), so its size does
 # not grow with the image. On 2 CPU cores (2026-12-04), samples/s in chunks of 64 / 128 / 256 /
 # 500: 127 / 218 / 287 / 277 for the default net on 8x8 digits, and 23 (64) / 42 (256) / 45 (500)
 # for the mnist profile's on 28x28.
@@ -271,7 +271,7 @@ class GatedPixelCNN(nn.Module):
     # -- sampling, one row at a time -------------------------------------------------------------
     # Ancestral sampling needs the logits of one pixel per pass. The vertical stack's part of them
     # depends only on the rows above, fixed while a row is drawn: `links` computes it once per row
-    # and `row_logits` runs only the horizontal stack, on the row's pixels left of the current one
+    # and `row_outputs` runs only the horizontal stack, on the row's pixels left of the current one
     # that can reach it. Both read a window that covers each stack's receptive field: an output
     # depends on inputs at most `reach` = sum of the layers' k rows up (vertical) or columns left
     # (horizontal) away, plus one row for the vertical stack's down shift, so the window's
@@ -315,18 +315,6 @@ class GatedPixelCNN(nn.Module):
             h, skip = layer.horizontal_out(h, link[..., left : col + 1], y, row, left)
             skips = skips + skip
         return self._head(skips[..., -1:])[..., 0, 0]  # the head is 1x1: the last pixel only
-
-    def row_logits(
-        self,
-        x: torch.Tensor,
-        links: list[torch.Tensor],
-        y: torch.Tensor | None,
-        row: int,
-        col: int,
-    ) -> torch.Tensor:
-        """`row_outputs` as logits (B, L, C)."""
-        out = self.row_outputs(x, links, y, row, col)[..., None, None]  # (B, C, P, 1, 1)
-        return self.logits_of(out)[..., 0, 0]
 
 
 class PixelCNN(GenerativeModule):

@@ -259,12 +259,6 @@ class VAE(GenerativeModule):
             log_p = discretized.observed_log_probs(out.transpose(1, 2), x, self.levels)
         return log_p.flatten(1).sum(1)
 
-    def _level_logits(self, out: torch.Tensor) -> torch.Tensor:
-        """Every level's logit from the decoder's (B, P, C, H, W), (B, L, C, H, W)."""
-        if self.hparams.output == "categorical":
-            return out
-        return discretized.level_log_probs(out.transpose(1, 2), self.levels)
-
     # -- objective ------------------------------------------------------------------------------
     def elbo(self, x: torch.Tensor, y: torch.Tensor | None = None) -> ELBO:
         c = self._onehot(y)
